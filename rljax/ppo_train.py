@@ -1,0 +1,409 @@
+"""PPO training as pure, jitted functions over a ``PPOTrainState``.
+
+Read top to bottom, like the algorithm:
+
+1. ``PPOTrainState``: policy params (LM + value head), frozen reference params,
+   optimizer state, PRNG key, KL-controller state, running score moments.
+2. ``make_forward_rollout``: one forward pass of policy and reference over
+   ``[query | response]`` gives TRL's ``logprobs``, ``ref_logprobs``, ``values``
+   and ``masks`` (TRL's ``batched_forward_pass``), as a ``Rollout`` pytree.
+   ``make_rollout`` puts generation in front of it (one jitted function).
+3. ``make_ppo_step``: TRL's ``PPOTrainer.step`` after the forward pass: score
+   processing, ``compute_rewards``, ``compute_advantages``, ``ppo_epochs`` x
+   shuffled minibatches (gradient accumulation, clipping) as nested
+   ``lax.scan``, early stopping, stats with TRL's keys, the KL-controller update.
+4. ``make_train``: when the reward is a JAX function, the whole loop
+   (sample prompts -> rollout -> reward -> ppo_step) is one ``lax.scan``.
+
+Sequence layout: ``input_ids = [left-padded query (P) | response (N)]``; the
+response is right-padded after eos. Position ``t`` of the ``[B, P+N-1]`` arrays
+is about predicting token ``t+1`` (TRL's shift), so ``masks[:, t] = 1`` iff token
+``t+1`` is a real response token. Only masked-out positions differ from TRL's
+right-padded layout, and every TRL quantity on masked positions is unchanged.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import chex
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from rljax.core import RunningMomentsState, logprobs_from_logits, masked_mean, running_moments_init
+from rljax.losses import ppo_loss
+from rljax.models.attention import default_position_ids
+from rljax.ppo import (
+    KLControllerState,
+    PPOConfig,
+    compute_advantages,
+    compute_rewards,
+    kl_controller_init,
+    kl_controller_update,
+    kl_penalty,
+    process_scores,
+    step_stats,
+)
+
+Array = jax.Array
+# Padding value of TRL's stack_dicts for stats of minibatches that did not run.
+STATS_PADDING = -1.0
+
+
+# ==========================================================================
+# 1. State
+# ==========================================================================
+
+
+@flax.struct.dataclass
+class PPOTrainState:
+    """Everything one PPO iteration reads and writes.
+
+    ``ref_params`` is None when the reference is computed another way (e.g. the
+    policy with adapters off); ``tx`` is static.
+    """
+
+    step: Array
+    params: Any
+    ref_params: Any
+    opt_state: Any
+    rng: Array
+    kl: KLControllerState
+    score_moments: RunningMomentsState
+    tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+
+    @classmethod
+    def create(
+        cls,
+        params: Any,
+        ref_params: Any,
+        config: PPOConfig,
+        tx: Optional[optax.GradientTransformation] = None,
+        rng: Optional[Array] = None,
+    ) -> "PPOTrainState":
+        tx = tx if tx is not None else make_ppo_optimizer(config)
+        return cls(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            ref_params=ref_params,
+            opt_state=tx.init(params),
+            rng=jax.random.PRNGKey(config.seed) if rng is None else rng,
+            kl=kl_controller_init(config),
+            score_moments=running_moments_init(),
+            tx=tx,
+        )
+
+
+def make_ppo_optimizer(config: PPOConfig, trainable: Optional[Any] = None) -> optax.GradientTransformation:
+    """TRL's default: Adam(lr=learning_rate) (torch defaults), grad-norm clipping at
+    ``max_grad_norm`` when set. ``trainable``: optional bool pytree (False = frozen)."""
+    parts = []
+    if config.max_grad_norm is not None:
+        parts.append(optax.clip_by_global_norm(config.max_grad_norm))
+    parts.append(optax.adam(config.learning_rate, b1=0.9, b2=0.999, eps=1e-8))
+    tx = optax.chain(*parts)
+    if trainable is not None:
+        labels = jax.tree_util.tree_map(lambda t: "train" if t else "frozen", trainable)
+        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+    return tx
+
+
+# ==========================================================================
+# 2. Rollout
+# ==========================================================================
+
+
+@flax.struct.dataclass
+class Rollout:
+    """One batch of experience. ``B`` batch, ``P`` query length, ``N`` response
+    length, ``T = P + N - 1`` (TRL's shifted length)."""
+
+    queries: Array  # [B, P] left-padded
+    query_mask: Array  # [B, P]
+    responses: Array  # [B, N] right-padded
+    response_mask: Array  # [B, N]
+    logprobs: Array  # [B, T] policy log-probs of token t+1 (rollout = "old")
+    ref_logprobs: Array  # [B, T]
+    values: Array  # [B, T]
+    masks: Array  # [B, T] 1 where token t+1 is a response token
+    kls: Optional[Array] = None  # [B, T] precomputed for kl_penalty="full" (needs full distributions)
+
+    @property
+    def input_ids(self) -> Array:
+        return jnp.concatenate([self.queries, self.responses], axis=1)
+
+    @property
+    def attention_mask(self) -> Array:
+        return jnp.concatenate([self.query_mask, self.response_mask], axis=1)
+
+
+def sequence_inputs(queries: Array, query_mask: Array, responses: Array, response_mask: Array):
+    """``(input_ids, attention_mask, position_ids, masks)`` of ``[query | response]``."""
+    input_ids = jnp.concatenate([queries, responses], axis=1)
+    attention_mask = jnp.concatenate([query_mask, response_mask], axis=1).astype(jnp.int32)
+    position_ids = default_position_ids(attention_mask)
+    masks = jnp.concatenate([jnp.zeros_like(query_mask[:, 1:]), response_mask], axis=1).astype(jnp.float32)
+    return input_ids, attention_mask, position_ids, masks
+
+
+def make_forward_rollout(module: Any, kl_penalty_mode: str = "kl", ref_module: Optional[Any] = None) -> Callable:
+    """``forward(params, ref_params, queries, query_mask, responses, response_mask) -> Rollout``.
+
+    ``module``'s output must have ``.logits`` [B, S, V] and ``.values`` [B, S] (a value-head
+    model); ``ref_module`` (default: ``module``) only needs ``.logits``. Eval mode (no dropout),
+    as TRL's ``batched_forward_pass``. Not jitted itself: call it inside your own jit.
+    """
+    ref_module = module if ref_module is None else ref_module
+
+    def forward(params, ref_params, queries, query_mask, responses, response_mask) -> Rollout:
+        chex.assert_rank([queries, query_mask, responses, response_mask], 2)
+        chex.assert_equal_shape([queries, query_mask])
+        chex.assert_equal_shape([responses, response_mask])
+        input_ids, attention_mask, position_ids, masks = sequence_inputs(queries, query_mask, responses, response_mask)
+        out = module.apply({"params": params}, input_ids, attention_mask, position_ids, deterministic=True)
+        ref_out = ref_module.apply({"params": ref_params}, input_ids, attention_mask, position_ids, deterministic=True)
+        labels = input_ids[:, 1:]
+        logits, ref_logits = out.logits[:, :-1], ref_out.logits[:, :-1]
+        kls = None
+        if kl_penalty_mode == "full":
+            kls = kl_penalty(jax.nn.log_softmax(logits, -1), jax.nn.log_softmax(ref_logits, -1), "full")
+        return Rollout(
+            queries=queries,
+            query_mask=query_mask,
+            responses=responses,
+            response_mask=response_mask,
+            logprobs=logprobs_from_logits(logits, labels),
+            ref_logprobs=logprobs_from_logits(ref_logits, labels),
+            values=out.values[:, :-1].astype(jnp.float32),
+            masks=masks,
+            kls=kls,
+        )
+
+    return forward
+
+
+def make_rollout(module: Any, generate_fn: Callable, kl_penalty_mode: str = "kl") -> Callable:
+    """``rollout(state, prompts [B, P], prompt_mask [B, P], rng) -> Rollout``: generate and
+    score in one function (jit it, or call it inside a jitted loop).
+
+    ``generate_fn(params, input_ids, attention_mask, rng)`` returns an object with
+    ``.sequences`` [B, P+N] and ``.response_mask`` [B, N] (see ``rljax.generation.make_generate_fn``).
+    """
+    forward = make_forward_rollout(module, kl_penalty_mode)
+
+    def rollout(state: PPOTrainState, prompts: Array, prompt_mask: Array, rng: Array) -> Rollout:
+        gen = generate_fn(state.params, prompts, prompt_mask, rng)
+        responses = gen.sequences[:, prompts.shape[1] :]
+        return forward(state.params, state.ref_params, prompts, prompt_mask, responses, gen.response_mask)
+
+    return rollout
+
+
+# ==========================================================================
+# 3. The PPO step
+# ==========================================================================
+
+
+def make_ppo_step(module: Any, config: PPOConfig, *, num_processes: int = 1) -> Callable:
+    """Build ``ppo_step(state, rollout, scores [B]) -> (state, stats)`` (pure; jit it).
+
+    TRL 0.7.11's optimisation phase: ``ppo_epochs`` epochs, each a fresh permutation cut
+    into backward batches of ``mini_batch_size * gradient_accumulation_steps``; gradients of
+    the ``gradient_accumulation_steps`` minibatches are averaged (accelerate's scaling) and
+    clipped, then one optimizer update. Training-mode forward (dropout on, as TRL).
+    Deliberate fixes: a backward batch whose minibatches were all skipped by
+    ``ratio_threshold`` leaves params and optimizer untouched (quirk 6); non-finite
+    scores leave the whole state untouched (``ppo/skipped_nonfinite_scores`` = 1).
+    """
+    B, mb, GA = config.batch_size, config.mini_batch_size, config.gradient_accumulation_steps
+    bb = mb * GA
+    if B % bb:
+        raise ValueError(f"batch_size {B} must be a multiple of mini_batch_size*gradient_accumulation_steps = {bb}.")
+    n_bb, epochs = B // bb, config.ppo_epochs
+
+    def loss_fn(params, batch, rng):
+        out = module.apply(
+            {"params": params}, batch["input_ids"], batch["attention_mask"], batch["position_ids"],
+            deterministic=False, rngs={"dropout": rng},
+        )
+        logits = out.logits[:, :-1]
+        logprobs = logprobs_from_logits(logits, batch["input_ids"][:, 1:])
+        vpreds = out.values[:, :-1].astype(jnp.float32)
+        pg_loss, vf_loss, stats = ppo_loss(
+            batch["logprobs"], batch["values"], logits, vpreds, logprobs, batch["masks"], batch["advantages"],
+            batch["returns"], cliprange=config.cliprange, cliprange_value=config.cliprange_value,
+            vf_coef=config.vf_coef, ratio_threshold=config.ratio_threshold,
+        )
+        return pg_loss + vf_loss, stats
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def make_epoch(tx, data):
+        """One PPO epoch over ``data`` (the [B, ...] arrays), as a ``lax.scan`` body."""
+
+        def backward_batch(carry, inputs):
+            """GA minibatches -> averaged grads -> one update (unless all skipped)."""
+            params, opt_state = carry
+            idx, key = inputs  # idx [GA, mb]
+
+            def minibatch(grads_acc, xs):
+                mb_idx, mb_key = xs
+                batch = jax.tree_util.tree_map(lambda x: x[mb_idx], data)
+                (_, stats), grads = grad_fn(params, batch, mb_key)
+                keep = 1.0 - stats["skipped"]
+                grads = jax.tree_util.tree_map(lambda g: jnp.where(keep > 0, g, 0.0), grads)
+                return jax.tree_util.tree_map(jnp.add, grads_acc, grads), stats
+
+            zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+            grads, stats = jax.lax.scan(minibatch, zeros, (idx, jax.random.split(key, GA)))
+            grads = jax.tree_util.tree_map(lambda g: g / GA, grads)
+            updates, new_opt_state = tx.update(grads, opt_state, params)
+            new_params = optax.apply_updates(params, updates)
+            all_skipped = jnp.all(stats["skipped"] > 0)
+            pick = lambda new, old: jnp.where(all_skipped, old, new)  # noqa: E731
+            params = jax.tree_util.tree_map(pick, new_params, params)
+            opt_state = jax.tree_util.tree_map(pick, new_opt_state, opt_state)
+            return (params, opt_state), stats
+
+        def epoch(carry, key):
+            params, opt_state, stopped = carry
+            perm_key, mb_key = jax.random.split(key)
+            idx = jax.random.permutation(perm_key, B).reshape(n_bb, GA, mb)
+            keys = jax.random.split(mb_key, n_bb)
+
+            def run(_):
+                (p, o), stats = jax.lax.scan(backward_batch, (params, opt_state), (idx, keys))
+                return p, o, stats
+
+            def skip(_):
+                shapes = jax.eval_shape(run, None)[2]
+                stats = jax.tree_util.tree_map(lambda s: jnp.full(s.shape, STATS_PADDING, s.dtype), shapes)
+                return params, opt_state, stats
+
+            new_params, new_opt_state, stats = jax.lax.cond(stopped, skip, run, None)
+            ran = jnp.logical_not(stopped)
+            if config.early_stopping:  # TRL: the LAST minibatch's policykl, checked after each epoch
+                stopped = stopped | (stats["policy/policykl"][-1, -1] > 1.5 * config.target_kl)
+            return (new_params, new_opt_state, stopped), (stats, ran)
+
+        return epoch
+
+    def ppo_step(state: PPOTrainState, rollout: Rollout, scores: Array) -> Tuple[PPOTrainState, Dict[str, Array]]:
+        scores = jnp.asarray(scores, jnp.float32)
+        chex.assert_shape(scores, (B,))
+        chex.assert_shape(rollout.queries, (B, None))
+        finite = jnp.all(jnp.isfinite(scores))
+        safe_scores = jnp.where(finite, scores, 0.0)
+        scores_p, moments = process_scores(
+            safe_scores, state.score_moments, use_score_scaling=config.use_score_scaling,
+            use_score_norm=config.use_score_norm, score_clip=config.score_clip,
+        )
+        kl_coef = state.kl.value
+        masks = rollout.masks
+        if config.kl_penalty == "full":
+            rewards, non_score, kls = compute_rewards(
+                scores_p, rollout.kls, jnp.zeros_like(rollout.kls), masks, kl_coef, "kl"
+            )
+        else:
+            rewards, non_score, kls = compute_rewards(
+                scores_p, rollout.logprobs, rollout.ref_logprobs, masks, kl_coef, config.kl_penalty
+            )
+        values, advantages, returns = compute_advantages(
+            rollout.values, rewards, masks, config.gamma, config.lam, whiten_rewards=config.whiten_rewards
+        )
+        input_ids, attention_mask, position_ids, _ = sequence_inputs(
+            rollout.queries, rollout.query_mask, rollout.responses, rollout.response_mask
+        )
+        data = dict(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            logprobs=rollout.logprobs, values=values, masks=masks, advantages=advantages, returns=returns,
+        )
+        rng, step_key = jax.random.split(state.rng)
+        carry = (state.params, state.opt_state, jnp.array(False))
+        epoch = make_epoch(state.tx, data)
+        (params, opt_state, _), (mb_stats, ran) = jax.lax.scan(epoch, carry, jax.random.split(step_key, epochs))
+        # mb_stats leaves: [epochs, n_bb, GA, ...]; average the minibatches that ran (TRL: stack + mean).
+        weight = jnp.broadcast_to(ran[:, None, None], (epochs, n_bb, GA)).astype(jnp.float32)
+        train_stats = {}
+        for key, v in mb_stats.items():
+            if key in ("policy/advantages", "policy/ratio"):
+                train_stats[key] = jnp.nan_to_num(v, nan=STATS_PADDING).reshape(-1)  # TRL: flattened, not averaged
+            elif key != "skipped":
+                train_stats[key] = jnp.sum(v * weight) / jnp.maximum(jnp.sum(weight), 1.0)
+        skipped = jnp.sum(mb_stats["skipped"] * weight)
+        stats = step_stats(
+            scores=scores_p, logprobs=rollout.logprobs, ref_logprobs=rollout.ref_logprobs, non_score_reward=non_score,
+            kls=kls, masks=masks, kl_coef=kl_coef, queries_len=rollout.query_mask.sum(-1),
+            responses_len=rollout.response_mask.sum(-1), train_stats=train_stats,
+        )
+        stats["ppo/learning_rate"] = jnp.asarray(config.learning_rate, jnp.float32)
+        stats["ppo/epochs_run"] = jnp.sum(ran.astype(jnp.float32))
+        stats["ppo/minibatches_skipped"] = skipped
+        stats["ppo/skipped_nonfinite_scores"] = 1.0 - finite.astype(jnp.float32)
+        new_kl = kl_controller_update(state.kl, stats["objective/kl"], B * num_processes)
+        new_state = state.replace(
+            step=state.step + 1, params=params, opt_state=opt_state, rng=rng, kl=new_kl, score_moments=moments
+        )
+        # Non-finite scores: nothing learned from this batch, nothing corrupted.
+        keep_old = jnp.logical_not(finite)
+        new_state = jax.tree_util.tree_map(
+            lambda new, old: jnp.where(keep_old, old, new), new_state, state.replace(step=state.step + 1, rng=rng)
+        )
+        return new_state, stats
+
+    return ppo_step
+
+
+# ==========================================================================
+# 4. The whole loop as one compiled function
+# ==========================================================================
+
+
+SCALAR_STAT_KEYS = (
+    "objective/kl", "objective/kl_coef", "objective/entropy", "ppo/mean_scores", "ppo/std_scores",
+    "ppo/mean_non_score_reward", "ppo/loss/policy", "ppo/loss/value", "ppo/loss/total", "ppo/policy/entropy",
+    "ppo/policy/approxkl", "ppo/policy/policykl", "ppo/policy/clipfrac", "ppo/returns/mean", "ppo/val/var_explained",
+    "tokens/responses_len_mean", "ppo/minibatches_skipped",
+)
+
+
+def make_train(
+    module: Any,
+    config: PPOConfig,
+    generate_fn: Callable,
+    reward_fn: Callable[[Rollout], Array],
+    prompts: Array,
+    prompt_mask: Array,
+    num_steps: int,
+) -> Callable:
+    """``train(state) -> (state, stats)``: ``num_steps`` PPO iterations in one ``lax.scan``.
+
+    Each iteration samples ``batch_size`` prompts (without replacement) from the bank
+    ``prompts`` [num_prompts, P], rolls out, scores with the JAX ``reward_fn(rollout) -> [B]``
+    (raw scores, logged as ``env/reward_mean``) and runs ``ppo_step``. ``stats`` holds the
+    scalar stats in ``SCALAR_STAT_KEYS`` plus ``env/reward_mean``, each ``[num_steps]``.
+    jit it (``jax.jit(train)``); ``jax.vmap`` over states trains several seeds at once.
+    """
+    chex.assert_rank([prompts, prompt_mask], 2)
+    n = prompts.shape[0]
+    if n < config.batch_size:
+        raise ValueError(f"The prompt bank has {n} prompts, fewer than batch_size={config.batch_size}.")
+    rollout_fn = make_rollout(module, generate_fn, config.kl_penalty)
+    ppo_step = make_ppo_step(module, config)
+
+    def _update_step(state: PPOTrainState, _):
+        rng, k_idx, k_gen = jax.random.split(state.rng, 3)
+        state = state.replace(rng=rng)
+        idx = jax.random.choice(k_idx, n, (config.batch_size,), replace=False)
+        rollout = rollout_fn(state, prompts[idx], prompt_mask[idx], k_gen)
+        scores = reward_fn(rollout)
+        state, stats = ppo_step(state, rollout, scores)
+        out = {k: stats[k] for k in SCALAR_STAT_KEYS}
+        out["env/reward_mean"] = jnp.mean(scores)
+        return state, out
+
+    def train(state: PPOTrainState):
+        return jax.lax.scan(_update_step, state, None, length=num_steps)
+
+    return train
