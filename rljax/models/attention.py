@@ -48,13 +48,20 @@ def default_position_ids(attention_mask: jax.Array) -> jax.Array:
     return jnp.clip(jnp.cumsum(attention_mask, axis=-1) - 1, 0).astype(jnp.int32)
 
 
-def attention_bias(attention_mask: jax.Array, q_len: int, offset, dtype) -> jax.Array:
+def attention_bias(attention_mask: jax.Array, q_len: int, offset, dtype, sliding_window: Optional[int] = None) -> jax.Array:
     """Additive bias [batch, 1, q_len, kv_len]: causal (query i sits at slot offset+i)
-    and key padding. Fully masked rows get a finite large negative, never NaN."""
+    and key padding. Fully masked rows get a finite large negative, never NaN.
+
+    ``sliding_window`` (Mistral/Qwen2): a query at slot q also needs ``q - k < sliding_window``.
+    Slots are contiguous per row (padding only on the left), so slot distance is token distance.
+    """
     kv_len = attention_mask.shape[-1]
     q_pos = offset + jnp.arange(q_len)[:, None]
     k_pos = jnp.arange(kv_len)[None, :]
-    allowed = (k_pos <= q_pos)[None, None] & (attention_mask[:, None, None, :] > 0)
+    causal = k_pos <= q_pos
+    if sliding_window is not None:
+        causal = causal & (q_pos - k_pos < sliding_window)
+    allowed = causal[None, None] & (attention_mask[:, None, None, :] > 0)
     return jnp.where(allowed, 0.0, jnp.finfo(dtype).min).astype(dtype)
 
 
@@ -66,7 +73,8 @@ def update_layer_cache(layer_cache: dict, k: jax.Array, v: jax.Array, index) -> 
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
-    """Softmax attention with grouped KV heads.
+    """Softmax attention with grouped KV heads (query head i reads KV head i // (heads // kv_heads),
+    as HF's ``repeat_kv`` does).
 
     q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, kv_heads, head_dim];
     bias: [batch, 1, q_len, kv_len]. Returns [batch, q_len, heads, head_dim].
@@ -74,6 +82,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Ar
     """
     b, q_len, h, d = q.shape
     kv_heads = k.shape[2]
+    if h % kv_heads:
+        raise ValueError(f"{h} query heads cannot be grouped over {kv_heads} key/value heads.")
     groups = h // kv_heads
     q = q.reshape(b, q_len, kv_heads, groups, d)
     scores = jnp.einsum("bqhgd,bkhd->bhgqk", q, k).astype(jnp.float32) / jnp.sqrt(d).astype(jnp.float32)
@@ -83,12 +93,45 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Ar
     return out.reshape(b, q_len, h, d)
 
 
-def attend(q, k, v, attention_mask, layer_cache, cache_index):
+def attend(q, k, v, attention_mask, layer_cache, cache_index, sliding_window: Optional[int] = None):
     """Attention for one layer, with or without a cache. Returns (out, new_layer_cache)."""
     q_len = q.shape[1]
     if layer_cache is None:
-        bias = attention_bias(attention_mask, q_len, 0, jnp.float32)
+        bias = attention_bias(attention_mask, q_len, 0, jnp.float32, sliding_window)
         return dot_product_attention(q, k, v, bias), None
     new_cache = update_layer_cache(layer_cache, k, v, cache_index)
-    bias = attention_bias(attention_mask, q_len, cache_index, jnp.float32)
+    bias = attention_bias(attention_mask, q_len, cache_index, jnp.float32, sliding_window)
     return dot_product_attention(q, new_cache["k"], new_cache["v"], bias), new_cache
+
+
+def cache_mask_shape(cache) -> tuple:
+    """(batch, max_length) of a KV cache."""
+    return tuple(cache["layers"][0]["k"].shape[:2])
+
+
+def check_inputs(input_ids, attention_mask, position_ids, cache) -> None:
+    """Shape/dtype checks shared by every family (run at trace time)."""
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}; add a batch axis with x[None].")
+    if not jnp.issubdtype(input_ids.dtype, jnp.integer):
+        raise ValueError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}.")
+    if attention_mask is not None:
+        expected = input_ids.shape if cache is None else cache_mask_shape(cache)
+        if tuple(attention_mask.shape) != tuple(expected):
+            what = "[batch, seq] like input_ids" if cache is None else "[batch, cache_length] over the cache slots"
+            raise ValueError(f"attention_mask must be {what} = {tuple(expected)}, got {tuple(attention_mask.shape)}.")
+    if position_ids is not None and tuple(position_ids.shape) != tuple(input_ids.shape):
+        raise ValueError(f"position_ids must match input_ids {input_ids.shape}, got {position_ids.shape}.")
+
+
+def prepare_inputs(input_ids, attention_mask, position_ids, cache):
+    """Check inputs and fill defaults: an all-ones mask, and ``cumsum(mask) - 1`` positions
+    (sliced at the cache index when decoding). Returns (attention_mask, position_ids)."""
+    check_inputs(input_ids, attention_mask, position_ids, cache)
+    if attention_mask is None:
+        attention_mask = jnp.ones(input_ids.shape if cache is None else cache_mask_shape(cache), jnp.int32)
+    if position_ids is None:
+        position_ids = default_position_ids(attention_mask)
+        if cache is not None:
+            position_ids = jax.lax.dynamic_slice_in_dim(position_ids, cache["index"], input_ids.shape[1], 1)
+    return attention_mask, position_ids

@@ -4,7 +4,8 @@ HF name                              flax path
 transformer.wte.weight               transformer/wte/embedding
 transformer.h.{i}.attn.c_attn.weight transformer/h_{i}/attn/c_attn/kernel   (HF Conv1D is [in, out]: no transpose)
 transformer.h.{i}.ln_1.weight        transformer/h_{i}/ln_1/scale
-lm_head.weight                       tied to wte (no separate parameter)
+lm_head.weight                       lm_head/kernel (nn.Linear, [out, in]) only when tie_word_embeddings
+                                     is false; tied models reuse wte (no separate parameter)
 """
 from __future__ import annotations
 
@@ -15,7 +16,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rljax.models.attention import CausalLMOutput, attend, default_position_ids, init_cache
+from rljax.models.attention import (  # noqa: F401  (check_inputs re-exported for older imports)
+    CausalLMOutput,
+    attend,
+    check_inputs,
+    init_cache,
+    prepare_inputs,
+)
 
 ACTIVATIONS = {
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
@@ -186,17 +193,14 @@ class GPT2LMHeadModel(nn.Module):
         cache: Optional[dict] = None,
         deterministic: bool = True,
     ) -> CausalLMOutput:
-        check_inputs(input_ids, attention_mask, position_ids, cache)
-        if attention_mask is None:
-            attention_mask = jnp.ones(input_ids.shape if cache is None else _cache_mask_shape(cache), jnp.int32)
-        if position_ids is None:
-            position_ids = default_position_ids(attention_mask)
-            if cache is not None:
-                position_ids = jax.lax.dynamic_slice_in_dim(position_ids, cache["index"], input_ids.shape[1], 1)
+        attention_mask, position_ids = prepare_inputs(input_ids, attention_mask, position_ids, cache)
         hidden, new_cache, wte = GPT2Model(self.config, self.dtype, name="transformer")(
             input_ids, attention_mask, position_ids, cache, deterministic
         )
-        logits = wte.attend(hidden)
+        if self.config.tie_word_embeddings:
+            logits = wte.attend(hidden)
+        else:
+            logits = nn.Dense(self.config.vocab_size, use_bias=False, dtype=self.dtype, name="lm_head")(hidden)
         return CausalLMOutput(logits=logits.astype(jnp.float32), hidden_states=hidden, cache=new_cache)
 
     def init_cache(self, batch_size: int, max_length: int, dtype=None) -> dict:
@@ -210,26 +214,6 @@ class GPT2LMHeadModel(nn.Module):
         return init_cache(cfg.n_layer, batch_size, max_length, cfg.n_head, cfg.head_dim, dtype or self.dtype)
 
 
-def _cache_mask_shape(cache):
-    k = cache["layers"][0]["k"]
-    return k.shape[:2]
-
-
-def check_inputs(input_ids, attention_mask, position_ids, cache) -> None:
-    """Shape/dtype checks shared by every family (run at trace time)."""
-    if input_ids.ndim != 2:
-        raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}; add a batch axis with x[None].")
-    if not jnp.issubdtype(input_ids.dtype, jnp.integer):
-        raise ValueError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}.")
-    if attention_mask is not None:
-        expected = input_ids.shape if cache is None else _cache_mask_shape(cache)
-        if tuple(attention_mask.shape) != tuple(expected):
-            what = "[batch, seq] like input_ids" if cache is None else "[batch, cache_length] over the cache slots"
-            raise ValueError(f"attention_mask must be {what} = {tuple(expected)}, got {tuple(attention_mask.shape)}.")
-    if position_ids is not None and tuple(position_ids.shape) != tuple(input_ids.shape):
-        raise ValueError(f"position_ids must match input_ids {input_ids.shape}, got {position_ids.shape}.")
-
-
 def _register() -> None:
     from rljax.models.hub import Family, register_family
 
@@ -241,6 +225,9 @@ def _register() -> None:
             linear_is_transposed=False,
             ignore_keys=(r"\.attn\.bias$", r"\.attn\.masked_bias$"),
             add_prefix="transformer.",
+            trunk_cls=GPT2Model,
+            trunk_name="transformer",
+            hf_prefix="GPT2",
         ),
     )
 

@@ -11,7 +11,8 @@ import dataclasses
 import json
 import os
 import re
-from typing import Any, Callable, Dict, Optional, Tuple
+import struct
+from typing import Any, Dict, Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -29,10 +30,19 @@ class Family:
     tied_key: Optional[str] = "lm_head.weight"  # HF key that may be absent when embeddings are tied
     ignore_keys: Tuple[str, ...] = ()  # regexes of HF buffers to skip (e.g. GPT-2 attn.bias)
     add_prefix: Optional[str] = None  # prefix HF base-model checkpoints omit (e.g. "transformer.")
+    trunk_cls: Any = None  # the module without the LM head (for sequence-score / value heads)
+    trunk_name: Optional[str] = None  # its HF prefix: "transformer" (GPT-2), "model" (Llama family)
+    hf_prefix: str = ""  # HF class-name prefix: "GPT2" -> GPT2ForSequenceClassification
 
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_WEIGHT_FILE = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?$")
 
 FAMILIES: Dict[str, Family] = {}
 _LAYER = re.compile(r"^(h|layers)_(\d+)$")
+# Heads are PyTorch nn.Linear in every HF family ([out, in]), even where the trunk uses Conv1D.
+HEAD_PREFIXES = ("lm_head.", "score.", "v_head.")
 
 
 def register_family(model_type: str, family: Family) -> None:
@@ -46,14 +56,15 @@ def _family(model_type: str) -> Family:
     return FAMILIES[model_type]
 
 
+def family_of(config) -> Family:
+    """The registered Family of an rljax config object."""
+    return _family(config.model_type)
+
+
 def _ensure_registered() -> None:
     # Importing the family modules registers them.
     import rljax.models.gpt2  # noqa: F401
-
-    try:
-        import rljax.models.llama  # noqa: F401
-    except ImportError:
-        pass
+    import rljax.models.llama  # noqa: F401
 
 
 def hf_name(path: Tuple[str, ...]) -> str:
@@ -67,32 +78,47 @@ def hf_name(path: Tuple[str, ...]) -> str:
     return ".".join(parts)
 
 
+def _transposed(path: Tuple[str, ...], name: str, family: Family) -> bool:
+    return path[-1] == "kernel" and (family.linear_is_transposed or name.startswith(HEAD_PREFIXES))
+
+
 def params_to_state_dict(params, family: Family) -> Dict[str, np.ndarray]:
-    """Flax params -> HF state dict of numpy arrays."""
+    """Flax params -> HF state dict of numpy arrays (bfloat16 stays bfloat16, as ml_dtypes)."""
     out = {}
     for path, value in flatten_dict(params).items():
         arr = np.asarray(jax.device_get(value))
-        if path[-1] == "kernel" and family.linear_is_transposed:
-            arr = arr.T
-        out[hf_name(path)] = arr
+        name = hf_name(path)
+        out[name] = arr.T if _transposed(path, name, family) else arr
     return out
 
 
-def state_dict_to_params(state_dict: Dict[str, np.ndarray], template, family: Family, dtype=None):
+def state_dict_to_params(
+    state_dict: Dict[str, np.ndarray],
+    template,
+    family: Family,
+    dtype=None,
+    *,
+    defaults=None,
+    ignore: Tuple[str, ...] = (),
+):
     """HF state dict -> flax params shaped like ``template`` (an abstract or real params tree).
 
+    ``defaults``: a (partial) params tree used for tensors the checkpoint lacks (e.g. a freshly
+    initialised value head); ``ignore``: regexes of checkpoint keys to drop silently.
     Raises a ValueError listing missing and unexpected keys, and shape mismatches.
     """
     sd = dict(state_dict)
-    if family.add_prefix and not any(k.startswith(family.add_prefix) for k in sd):
-        sd = {(k if k.startswith("lm_head") else family.add_prefix + k): v for k, v in sd.items()}
-    for pat in family.ignore_keys:
+    prefix = family.add_prefix
+    if prefix and not any(k.startswith(prefix) for k in sd):  # a bare base-model checkpoint
+        sd = {(k if k.startswith(HEAD_PREFIXES) else prefix + k): v for k, v in sd.items()}
+    for pat in tuple(family.ignore_keys) + tuple(ignore):
         sd = {k: v for k, v in sd.items() if not re.search(pat, k)}
     flat = flatten_dict(template)
     wanted = {hf_name(p): p for p in flat}
-    missing = sorted(set(wanted) - set(sd))
+    fallback = {hf_name(p): v for p, v in flatten_dict(defaults).items()} if defaults else {}
+    missing = sorted(set(wanted) - set(sd) - set(fallback))
     unexpected = sorted(set(sd) - set(wanted))
-    if family.tied_key in unexpected:
+    if family.tied_key in unexpected and family.tied_key not in wanted:
         unexpected.remove(family.tied_key)  # tied checkpoints may still store lm_head
     if missing or unexpected:
         raise ValueError(
@@ -103,14 +129,16 @@ def state_dict_to_params(state_dict: Dict[str, np.ndarray], template, family: Fa
         )
     out = {}
     for name, path in wanted.items():
+        if name not in sd:
+            out[path] = jnp.asarray(fallback[name], dtype=dtype or flat[path].dtype)
+            continue
         arr = np.asarray(sd[name])
-        if path[-1] == "kernel" and family.linear_is_transposed:
+        if _transposed(path, name, family):
             arr = arr.T
         expect = tuple(flat[path].shape)
         if arr.shape != expect:
             raise ValueError(f"Tensor {name} has shape {arr.shape}, the config expects {expect}.")
-        tgt = dtype or flat[path].dtype
-        out[path] = jnp.asarray(arr, dtype=tgt)
+        out[path] = jnp.asarray(arr, dtype=dtype or flat[path].dtype)
     return unflatten_dict(out)
 
 
@@ -155,17 +183,40 @@ def _resolve(path_or_id: str) -> str:
         ) from e
 
 
+def _read_safetensors(filename: str) -> Dict[str, np.ndarray]:
+    """One safetensors file -> numpy arrays. BF16 tensors come back as ``ml_dtypes.bfloat16``
+    (never silently upcast), whatever the installed safetensors returns for them."""
+    import ml_dtypes
+    from safetensors import safe_open
+
+    try:
+        with open(filename, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        with safe_open(filename, framework="np") as f:
+            arrays = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise ValueError(
+            f"Could not read {filename}: {type(e).__name__}: {e}. The file is corrupt or truncated; re-download or re-save it."
+        ) from e
+    for k, info in header.items():
+        if k != "__metadata__" and info.get("dtype") == "BF16" and arrays[k].dtype != ml_dtypes.bfloat16:
+            arrays[k] = arrays[k].view(ml_dtypes.bfloat16)  # raw 2-byte values ("V2"/uint16) -> bfloat16
+    return arrays
+
+
 def load_state_dict(directory: str) -> Dict[str, np.ndarray]:
     """Read ``model.safetensors`` or a sharded ``model.safetensors.index.json`` as numpy arrays."""
-    from safetensors.numpy import load_file
-
-    single = os.path.join(directory, "model.safetensors")
-    index = os.path.join(directory, "model.safetensors.index.json")
+    single = os.path.join(directory, SINGLE_FILE)
+    index = os.path.join(directory, INDEX_FILE)
     if os.path.exists(single):
         files = [single]
     elif os.path.exists(index):
         with open(index) as f:
             files = sorted({os.path.join(directory, v) for v in json.load(f)["weight_map"].values()})
+        absent = [os.path.basename(fn) for fn in files if not os.path.exists(fn)]
+        if absent:
+            raise ValueError(f"{index} names shards that are not in {directory}: {absent}.")
     else:
         present = sorted(os.listdir(directory))
         hint = " Found PyTorch .bin weights: re-save them with safetensors (save_pretrained(..., safe_serialization=True))." if any(
@@ -173,47 +224,114 @@ def load_state_dict(directory: str) -> Dict[str, np.ndarray]:
         raise ValueError(f"No model.safetensors or model.safetensors.index.json in {directory} (files: {present}).{hint}")
     sd = {}
     for fn in files:
-        try:
-            sd.update(load_file(fn))
-        except Exception as e:
-            raise ValueError(f"Could not read {fn}: {e}. The file is corrupt or truncated; re-download or re-save it.") from e
-    return {k: (v.astype(np.float32) if v.dtype == np.dtype("V2") else v) for k, v in sd.items()}
+        sd.update(_read_safetensors(fn))
+    return sd
+
+
+def read_checkpoint(path_or_id: str) -> Tuple[str, dict]:
+    """Resolve a checkpoint directory (or hub id when online) -> (directory, config.json dict)."""
+    directory = _resolve(path_or_id)
+    cfg_path = os.path.join(directory, "config.json")
+    if not os.path.exists(cfg_path):
+        raise ValueError(f"No config.json in {directory}; a checkpoint directory needs config.json + safetensors weights.")
+    with open(cfg_path) as f:
+        return directory, json.load(f)
 
 
 def from_pretrained(path_or_id: str, dtype=None) -> Tuple[Any, Any]:
     """Load an HF causal-LM checkpoint directory (or hub id when online) -> (module, params).
 
     ``dtype``: None keeps float32 params; ``jnp.bfloat16`` casts params and compute.
+    Value-head tensors (``v_head.*``, written by TRL / rljax value-head models) are ignored,
+    as transformers ignores them.
     """
-    directory = _resolve(path_or_id)
-    cfg_path = os.path.join(directory, "config.json")
-    if not os.path.exists(cfg_path):
-        raise ValueError(f"No config.json in {directory}; a checkpoint directory needs config.json + safetensors weights.")
-    with open(cfg_path) as f:
-        config = config_from_dict(json.load(f))
+    directory, cfg = read_checkpoint(path_or_id)
+    config = config_from_dict(cfg)
     model = model_from_config(config, dtype=dtype or jnp.float32)
     family = _family(config.model_type)
-    params = state_dict_to_params(load_state_dict(directory), abstract_params(model), family, dtype=dtype)
+    params = state_dict_to_params(
+        load_state_dict(directory), abstract_params(model), family, dtype=dtype, ignore=(r"^v_head\.",)
+    )
     return model, params
 
 
-def save_pretrained(model, params, path: str, *, overwrite: bool = False, max_shard_size: Optional[int] = None) -> None:
-    """Write an HF directory (config.json + model.safetensors) that transformers loads.
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
-    Refuses to overwrite existing weights unless ``overwrite=True``.
+
+def parse_size(size: Union[int, str]) -> int:
+    """Bytes from an int or a string like "5GB", "500MB", "2GiB" (decimal units as HF uses them)."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*((?:[KMGT]I?)?B)\s*", str(size).upper())
+    if not m:
+        raise ValueError(f"Cannot parse size {size!r}; use an int (bytes) or e.g. '500MB', '5GB', '2GiB'.")
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
+
+
+def _shard(state_dict: Dict[str, np.ndarray], limit: int):
+    """Split tensors, in order, into shards of at most ``limit`` bytes (a larger tensor gets its own)."""
+    shards, current, size = [], {}, 0
+    for name, arr in state_dict.items():
+        if current and size + arr.nbytes > limit:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = arr
+        size += arr.nbytes
+    shards.append(current)
+    return shards
+
+
+def _dtype_name(state_dict: Dict[str, np.ndarray]) -> str:
+    """The dtype holding most of the bytes ("float32", "bfloat16", ...), for config.json."""
+    totals: Dict[str, int] = {}
+    for arr in state_dict.values():
+        totals[arr.dtype.name] = totals.get(arr.dtype.name, 0) + arr.nbytes
+    return max(totals, key=totals.get)
+
+
+def save_pretrained(
+    model, params, path: str, *, overwrite: bool = False, max_shard_size: Optional[Union[int, str]] = None
+) -> None:
+    """Write an HF directory (config.json + safetensors weights) that transformers loads.
+
+    ``model`` is any rljax module with a ``.config`` (causal LMs, and the heads in
+    ``rljax.models.heads``, which supply their own ``hf_config_dict()``). With ``max_shard_size``
+    (bytes, or e.g. "500MB") weights larger than that are split into
+    ``model-0000i-of-0000n.safetensors`` plus ``model.safetensors.index.json``.
+    bfloat16 params are written as BF16 tensors. Refuses to overwrite existing weights unless
+    ``overwrite=True`` (which also removes the old weight files).
     """
     from safetensors.numpy import save_file
 
-    target = os.path.join(path, "model.safetensors")
-    if os.path.exists(target) and not overwrite:
-        raise FileExistsError(f"{target} exists; pass overwrite=True to replace it, or choose another path.")
+    existing = [f for f in (os.listdir(path) if os.path.isdir(path) else []) if _WEIGHT_FILE.match(f)]
+    if existing and not overwrite:
+        raise FileExistsError(
+            f"{path} already holds weights ({sorted(existing)}); pass overwrite=True to replace them, or choose another path."
+        )
     os.makedirs(path, exist_ok=True)
-    config = model.config
-    family = _family(config.model_type)
-    sd = params_to_state_dict(params, family)
-    sd = {k: np.ascontiguousarray(v) for k, v in sd.items()}
-    tmp = target + ".tmp"
-    save_file(sd, tmp, metadata={"format": "pt"})
-    os.replace(tmp, target)
+    family = _family(model.config.model_type)
+    sd = {k: np.ascontiguousarray(v) for k, v in params_to_state_dict(params, family).items()}
+    cfg = model.hf_config_dict() if hasattr(model, "hf_config_dict") else model.config.to_dict()
+    cfg["torch_dtype"] = _dtype_name(sd)
+    limit = None if max_shard_size is None else parse_size(max_shard_size)
+    shards = [sd] if limit is None or sum(a.nbytes for a in sd.values()) <= limit else _shard(sd, limit)
+    for f in existing:
+        os.remove(os.path.join(path, f))
+    if len(shards) == 1:
+        names = [SINGLE_FILE]
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, shard in zip(names, shards):
+        target = os.path.join(path, name)
+        save_file(shard, target + ".tmp", metadata={"format": "pt"})
+        os.replace(target + ".tmp", target)
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": int(sum(a.nbytes for a in sd.values()))},
+            "weight_map": {k: name for name, shard in zip(names, shards) for k in shard},
+        }
+        with open(os.path.join(path, INDEX_FILE), "w") as f:
+            json.dump(index, f, indent=2)
     with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config.to_dict(), f, indent=2)
+        json.dump(cfg, f, indent=2)
