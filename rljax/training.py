@@ -229,7 +229,10 @@ class Trainer:
         steps = self.num_training_steps()
         self.schedule = make_schedule(self.args, steps)
         tx = make_optimizer(self.args, steps)
-        return TrainState.create(self._init_params, tx, jax.random.PRNGKey(self.args.seed))
+        # The jitted step donates its input state: train on a copy so the caller's params
+        # (and a frozen reference that shares them, e.g. DPO's) stay alive.
+        params = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), self._init_params)
+        return TrainState.create(params, tx, jax.random.PRNGKey(self.args.seed))
 
     @property
     def params(self):
