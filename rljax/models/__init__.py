@@ -1,5 +1,18 @@
-"""Flax causal LMs with HF-compatible parameter names, and HF checkpoint I/O."""
+"""Flax causal LMs with HF-compatible parameter names, heads over them, and HF checkpoint I/O."""
 from rljax.models.attention import CausalLMOutput, init_cache
+from rljax.models.gpt2 import GPT2Config, GPT2LMHeadModel
+from rljax.models.heads import (
+    AutoModelForCausalLMWithValueHead,
+    CausalLMWithValueHead,
+    CausalLMWithValueHeadOutput,
+    SequenceScoreModel,
+    SequenceScoreOutput,
+    ValueHead,
+    lm_params,
+    save_value_head_model,
+    sequence_score_from_pretrained,
+    value_head_model_from_pretrained,
+)
 from rljax.models.hub import (
     abstract_params,
     config_from_dict,
@@ -8,10 +21,25 @@ from rljax.models.hub import (
     model_from_config,
     save_pretrained,
 )
+from rljax.models.llama import LlamaConfig, LlamaForCausalLM
 
 __all__ = [
     "CausalLMOutput",
     "init_cache",
+    "GPT2Config",
+    "GPT2LMHeadModel",
+    "LlamaConfig",
+    "LlamaForCausalLM",
+    "AutoModelForCausalLMWithValueHead",
+    "CausalLMWithValueHead",
+    "CausalLMWithValueHeadOutput",
+    "SequenceScoreModel",
+    "SequenceScoreOutput",
+    "ValueHead",
+    "lm_params",
+    "save_value_head_model",
+    "sequence_score_from_pretrained",
+    "value_head_model_from_pretrained",
     "abstract_params",
     "config_from_dict",
     "from_pretrained",

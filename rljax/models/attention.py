@@ -48,7 +48,9 @@ def default_position_ids(attention_mask: jax.Array) -> jax.Array:
     return jnp.clip(jnp.cumsum(attention_mask, axis=-1) - 1, 0).astype(jnp.int32)
 
 
-def attention_bias(attention_mask: jax.Array, q_len: int, offset, dtype, sliding_window: Optional[int] = None) -> jax.Array:
+def attention_bias(
+    attention_mask: jax.Array, q_len: int, offset, dtype, sliding_window: Optional[int] = None
+) -> jax.Array:
     """Additive bias [batch, 1, q_len, kv_len]: causal (query i sits at slot offset+i)
     and key padding. Fully masked rows get a finite large negative, never NaN.
 

@@ -197,7 +197,8 @@ def _read_safetensors(filename: str) -> Dict[str, np.ndarray]:
             arrays = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
         raise ValueError(
-            f"Could not read {filename}: {type(e).__name__}: {e}. The file is corrupt or truncated; re-download or re-save it."
+            f"Could not read {filename}: {type(e).__name__}: {e}. "
+            "The file is corrupt or truncated; re-download or re-save it."
         ) from e
     for k, info in header.items():
         if k != "__metadata__" and info.get("dtype") == "BF16" and arrays[k].dtype != ml_dtypes.bfloat16:
@@ -307,7 +308,8 @@ def save_pretrained(
     existing = [f for f in (os.listdir(path) if os.path.isdir(path) else []) if _WEIGHT_FILE.match(f)]
     if existing and not overwrite:
         raise FileExistsError(
-            f"{path} already holds weights ({sorted(existing)}); pass overwrite=True to replace them, or choose another path."
+            f"{path} already holds weights ({sorted(existing)}); "
+            "pass overwrite=True to replace them, or choose another path."
         )
     os.makedirs(path, exist_ok=True)
     family = _family(model.config.model_type)

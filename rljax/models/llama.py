@@ -90,7 +90,9 @@ class LlamaConfig:
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass)
         if self.model_type not in ARCHITECTURE_PREFIX:
-            raise ValueError(f"LlamaConfig model_type must be one of {sorted(ARCHITECTURE_PREFIX)}, got {self.model_type!r}.")
+            raise ValueError(
+                f"LlamaConfig model_type must be one of {sorted(ARCHITECTURE_PREFIX)}, got {self.model_type!r}."
+            )
         if self.num_key_value_heads is None:
             set_("num_key_value_heads", self.num_attention_heads)
         if self.head_dim is None:
@@ -310,7 +312,8 @@ class LlamaDecoderLayer(nn.Module):
             cos, sin, attention_mask, layer_cache, cache_index,
         )
         x = x + h
-        x = x + LlamaMLP(cfg, self.dtype, name="mlp")(RMSNorm(cfg.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x))
+        h = RMSNorm(cfg.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x)
+        x = x + LlamaMLP(cfg, self.dtype, name="mlp")(h)
         return x, new_cache
 
 

@@ -1,0 +1,362 @@
+"""Heads over the causal LMs: TRL's value head and HF's sequence-classification score head.
+
+Parameter layout: flat, so the HF/TRL state dict is ``hf_name`` of each path, no renaming.
+
+CausalLMWithValueHead: the LM's own params plus ``v_head``::
+
+    {"transformer" | "model": ..., ["lm_head": ...,] "v_head": {"summary": {"kernel": [hidden, 1], "bias": [1]}}}
+    -> TRL's state dict: the base model's keys + v_head.summary.weight [1, hidden] + v_head.summary.bias [1]
+
+  The LM shares the wrapper's scope (``nn.share_scope``), so ``{k: v for k, v in params.items()
+  if k != "v_head"}`` are plain LM params (``lm_params``), usable with the LM module, generation
+  and ``rljax.models.save_pretrained`` as they are; and a TRL checkpoint loads with no renaming.
+
+SequenceScoreModel: the LM trunk's params plus ``score`` (HF ``*ForSequenceClassification``)::
+
+    {"transformer" | "model": ..., "score": {"kernel": [hidden, num_labels]}}
+    -> transformer.* / model.* + score.weight [num_labels, hidden] (no bias)
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Tuple, Union
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from rljax.models.attention import prepare_inputs
+from rljax.models.hub import (
+    abstract_params,
+    config_from_dict,
+    family_of,
+    load_state_dict,
+    model_from_config,
+    read_checkpoint,
+    save_pretrained,
+    state_dict_to_params,
+)
+
+V_HEAD_INIT_STRATEGIES = (None, "normal")
+
+
+# --- value head ------------------------------------------------------------------------------
+
+
+class ValueHead(nn.Module):
+    """TRL's ValueHead: dropout, then ``summary`` = Linear(hidden, 1), in float32.
+
+    ``summary_dropout_prob`` 0 or None means no dropout (TRL's Identity). ``init_strategy``:
+    None keeps flax's default Dense init (lecun-normal kernel, zero bias); "normal" draws the
+    kernel from N(0, initializer_range) with a zero bias, as TRL's "normal" strategy does.
+    Params are float32 whatever the LM's dtype, and the input is upcast to float32 (TRL upcasts
+    to the summary weight's dtype). ``__call__(hidden [batch, seq, hidden]) -> [batch, seq]``.
+    """
+
+    summary_dropout_prob: Optional[float] = 0.1
+    init_strategy: Optional[str] = None
+    initializer_range: float = 0.2
+
+    @nn.compact
+    def __call__(self, hidden_states: jax.Array, deterministic: bool = True) -> jax.Array:
+        if self.init_strategy not in V_HEAD_INIT_STRATEGIES:
+            raise ValueError(
+                f"v_head_init_strategy must be one of {V_HEAD_INIT_STRATEGIES}, got {self.init_strategy!r}."
+            )
+        x = hidden_states.astype(jnp.float32)
+        if self.summary_dropout_prob:
+            x = nn.Dropout(self.summary_dropout_prob)(x, deterministic=deterministic)
+        init = {}
+        if self.init_strategy == "normal":
+            init = dict(kernel_init=nn.initializers.normal(self.initializer_range), bias_init=nn.initializers.zeros)
+        summary = nn.Dense(1, dtype=jnp.float32, param_dtype=jnp.float32, name="summary", **init)
+        return summary(x)[..., 0]
+
+
+@flax.struct.dataclass
+class CausalLMWithValueHeadOutput:
+    """``logits`` [batch, seq, vocab] (float32), ``values`` [batch, seq] (float32, from the last
+    hidden state), ``hidden_states`` [batch, seq, hidden], ``cache`` (as the LM's)."""
+
+    logits: jax.Array
+    values: jax.Array
+    hidden_states: jax.Array
+    cache: Optional[Any] = None
+
+
+class CausalLMWithValueHead(nn.Module):
+    """A causal LM plus TRL's value head; the LM's ``__call__``/``init_cache`` contract, with
+    ``values`` added to the output. Param layout: see the module docstring."""
+
+    lm: nn.Module
+    summary_dropout_prob: Optional[float] = 0.1
+    v_head_init_strategy: Optional[str] = None
+    v_head_initializer_range: float = 0.2
+
+    def setup(self):
+        nn.share_scope(self, self.lm)  # LM params at the top level, beside "v_head"
+        self.v_head = ValueHead(self.summary_dropout_prob, self.v_head_init_strategy, self.v_head_initializer_range)
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: Optional[jax.Array] = None,
+        position_ids: Optional[jax.Array] = None,
+        cache: Optional[dict] = None,
+        deterministic: bool = True,
+    ) -> CausalLMWithValueHeadOutput:
+        out = self.lm(input_ids, attention_mask, position_ids, cache, deterministic)
+        values = self.v_head(out.hidden_states, deterministic)
+        return CausalLMWithValueHeadOutput(out.logits, values, out.hidden_states, out.cache)
+
+    @property
+    def config(self):
+        return self.lm.config
+
+    @property
+    def dtype(self):
+        return self.lm.dtype
+
+    def init_cache(self, batch_size: int, max_length: int, dtype=None) -> dict:
+        return self.lm.init_cache(batch_size, max_length, dtype)
+
+    def hf_config_dict(self) -> dict:
+        """The base model's config.json, plus ``summary_dropout_prob`` (TRL reads it from the config)."""
+        d = self.lm.config.to_dict()
+        d["summary_dropout_prob"] = self.summary_dropout_prob
+        return d
+
+
+def lm_params(params) -> dict:
+    """The plain LM params of a value-head model (everything but ``v_head``)."""
+    return {k: v for k, v in params.items() if k != "v_head"}
+
+
+def init_value_head(module: CausalLMWithValueHead, rng: jax.Array) -> dict:
+    """Fresh ``{"v_head": ...}`` params for ``module`` (the LM itself is not initialised)."""
+    head = ValueHead(module.summary_dropout_prob, module.v_head_init_strategy, module.v_head_initializer_range)
+    dummy = jnp.zeros((1, 1, module.config.hidden_size), jnp.float32)
+    return {"v_head": head.init(rng, dummy)["params"]}
+
+
+def _float32_head(params, key: str):
+    params = dict(params)
+    params[key] = jax.tree.map(lambda x: x.astype(jnp.float32), params[key])
+    return params
+
+
+def _as_dtype(dtype):
+    if dtype is None or not isinstance(dtype, str):
+        return dtype
+    names = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
+             "float16": jnp.float16, "fp16": jnp.float16}
+    if dtype not in names:
+        raise ValueError(f"Unknown dtype {dtype!r}; use one of {sorted(names)} or a jnp dtype.")
+    return names[dtype]
+
+
+def value_head_model_from_pretrained(
+    path_or_id: str,
+    dtype=None,
+    *,
+    summary_dropout_prob: Optional[float] = None,
+    v_head_init_strategy: Optional[str] = None,
+    v_head_initializer_range: float = 0.2,
+    rng: Optional[jax.Array] = None,
+) -> Tuple[CausalLMWithValueHead, dict]:
+    """Load an HF causal-LM directory -> (CausalLMWithValueHead, params).
+
+    ``v_head.summary.{weight,bias}`` are loaded when the checkpoint has them (TRL / rljax
+    value-head saves), else initialised from ``rng`` (default ``PRNGKey(0)``).
+    ``summary_dropout_prob``: None reads the config's ``summary_dropout_prob``, else 0.1 (TRL).
+    ``dtype`` casts the LM (params and compute); the value head stays float32.
+    """
+    dtype = _as_dtype(dtype)
+    directory, cfg = read_checkpoint(path_or_id)
+    if summary_dropout_prob is None:
+        summary_dropout_prob = cfg.get("summary_dropout_prob", 0.1)
+    lm = model_from_config(config_from_dict(cfg), dtype=dtype or jnp.float32)
+    module = CausalLMWithValueHead(lm, summary_dropout_prob, v_head_init_strategy, v_head_initializer_range)
+    defaults = init_value_head(module, jax.random.PRNGKey(0) if rng is None else rng)
+    params = state_dict_to_params(
+        load_state_dict(directory), abstract_params(module), family_of(lm.config), dtype=None, defaults=defaults
+    )
+    if dtype is not None:
+        params = {k: (v if k == "v_head" else jax.tree.map(lambda x: x.astype(dtype), v)) for k, v in params.items()}
+    return module, params
+
+
+def save_value_head_model(
+    module: CausalLMWithValueHead, params, path: str, *, overwrite: bool = False, max_shard_size=None
+) -> None:
+    """Write an HF directory: transformers' AutoModelForCausalLM loads it (ignoring ``v_head.*``),
+    TRL's and rljax's value-head loaders restore the value head exactly."""
+    save_pretrained(module, params, path, overwrite=overwrite, max_shard_size=max_shard_size)
+
+
+class AutoModelForCausalLMWithValueHead:
+    """TRL's entry point as a thin shell over (``.module``, ``.params``).
+
+    ``AutoModelForCausalLMWithValueHead.from_pretrained(path)`` works as in TRL; the object
+    unpacks as ``module, params = model``, ``model(input_ids, attention_mask)`` runs the
+    forward pass, ``model.save_pretrained(dir)`` writes an HF directory.
+    """
+
+    def __init__(self, module: CausalLMWithValueHead, params: dict):
+        self.module = module
+        self.params = params
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: Union[str, Tuple[Any, Any]],
+        dtype=None,
+        *,
+        summary_dropout_prob: Optional[float] = None,
+        v_head_init_strategy: Optional[str] = None,
+        v_head_initializer_range: float = 0.2,
+        rng: Optional[jax.Array] = None,
+        torch_dtype=None,
+    ) -> "AutoModelForCausalLMWithValueHead":
+        """From a checkpoint directory / hub id, or an rljax ``(lm_module, lm_params)`` pair
+        (TRL also accepts an already-built model). ``torch_dtype`` is an alias of ``dtype``
+        ("bfloat16", "float32" or a jnp dtype)."""
+        dtype = _as_dtype(dtype if dtype is not None else torch_dtype)
+        kw = dict(summary_dropout_prob=summary_dropout_prob, v_head_init_strategy=v_head_init_strategy,
+                  v_head_initializer_range=v_head_initializer_range, rng=rng)
+        if isinstance(pretrained_model_name_or_path, tuple):
+            return cls.from_lm(*pretrained_model_name_or_path, dtype=dtype, **kw)
+        return cls(*value_head_model_from_pretrained(pretrained_model_name_or_path, dtype, **kw))
+
+    @classmethod
+    def from_lm(cls, lm_module, params, *, dtype=None, summary_dropout_prob=None, v_head_init_strategy=None,
+                v_head_initializer_range=0.2, rng=None) -> "AutoModelForCausalLMWithValueHead":
+        """Wrap an rljax causal LM (module, params); the value head is freshly initialised."""
+        if isinstance(lm_module, CausalLMWithValueHead):
+            return cls(lm_module, params)
+        if dtype is not None:
+            lm_module = lm_module.clone(dtype=dtype)
+            params = jax.tree.map(lambda x: x.astype(dtype), params)
+        module = CausalLMWithValueHead(
+            lm_module, 0.1 if summary_dropout_prob is None else summary_dropout_prob,
+            v_head_init_strategy, v_head_initializer_range,
+        )
+        head = init_value_head(module, jax.random.PRNGKey(0) if rng is None else rng)
+        return cls(module, {**params, **head})
+
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, cache=None, deterministic=True, rngs=None):
+        return self.module.apply({"params": self.params}, input_ids, attention_mask, position_ids, cache,
+                                 deterministic, rngs=rngs)
+
+    def __iter__(self):
+        return iter((self.module, self.params))
+
+    @property
+    def config(self):
+        return self.module.config
+
+    @property
+    def lm_params(self) -> dict:
+        return lm_params(self.params)
+
+    def save_pretrained(self, path: str, *, overwrite: bool = False, max_shard_size=None) -> None:
+        save_value_head_model(self.module, self.params, path, overwrite=overwrite, max_shard_size=max_shard_size)
+
+
+# --- sequence-score head ---------------------------------------------------------------------
+
+
+def last_token_index(attention_mask: jax.Array) -> jax.Array:
+    """Index of each row's last real token (rightmost mask == 1), for left or right padding. [batch]."""
+    positions = jnp.arange(attention_mask.shape[-1])[None, :]
+    return jnp.argmax(positions * (attention_mask > 0), axis=-1)
+
+
+@flax.struct.dataclass
+class SequenceScoreOutput:
+    """``logits`` [batch, num_labels] (float32): the score at each row's last real token;
+    ``hidden_states`` [batch, seq, hidden]; ``last_index`` [batch]."""
+
+    logits: jax.Array
+    hidden_states: jax.Array
+    last_index: jax.Array
+
+
+class SequenceScoreModel(nn.Module):
+    """HF ``*ForSequenceClassification`` (the reward-model head): the LM trunk, then
+    ``score`` = Linear(hidden, num_labels, no bias), read at the last token with mask 1.
+
+    ``__call__(input_ids [batch, seq], attention_mask=None, position_ids=None,
+    deterministic=True) -> SequenceScoreOutput`` with ``.logits`` [batch, num_labels].
+    Positions default to ``cumsum(mask) - 1``, so left- and right-padded rows score alike.
+    HF picks the last token that is not ``pad_token_id``; with the mask we also handle
+    pad == eos inside the text.
+    """
+
+    config: Any
+    num_labels: int = 1
+    dtype: Any = jnp.float32
+    label_names: Optional[Tuple[str, ...]] = None
+
+    @nn.compact
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: Optional[jax.Array] = None,
+        position_ids: Optional[jax.Array] = None,
+        deterministic: bool = True,
+    ) -> SequenceScoreOutput:
+        attention_mask, position_ids = prepare_inputs(input_ids, attention_mask, position_ids, None)
+        family = family_of(self.config)
+        hidden, _, _ = family.trunk_cls(self.config, self.dtype, name=family.trunk_name)(
+            input_ids, attention_mask, position_ids, None, deterministic
+        )
+        score = nn.Dense(self.num_labels, use_bias=False, dtype=self.dtype, name="score",
+                         kernel_init=nn.initializers.normal(self.config.initializer_range))
+        last = last_token_index(attention_mask)
+        pooled = hidden[jnp.arange(hidden.shape[0]), last]
+        return SequenceScoreOutput(score(pooled).astype(jnp.float32), hidden, last)
+
+    def hf_config_dict(self) -> dict:
+        """config.json for transformers' ``{Family}ForSequenceClassification``."""
+        d = self.config.to_dict()
+        d["architectures"] = [f"{family_of(self.config).hf_prefix}ForSequenceClassification"]
+        names = self.label_names or tuple(f"LABEL_{i}" for i in range(self.num_labels))
+        d["id2label"] = {str(i): n for i, n in enumerate(names)}
+        d["label2id"] = {n: i for i, n in enumerate(names)}
+        return d
+
+
+def init_score(module: SequenceScoreModel, rng: jax.Array) -> dict:
+    """Fresh ``{"score": ...}`` params (N(0, initializer_range), as HF initialises it)."""
+    init = nn.initializers.normal(module.config.initializer_range)
+    dense = nn.Dense(module.num_labels, use_bias=False, kernel_init=init)
+    return {"score": dense.init(rng, jnp.zeros((1, module.config.hidden_size), jnp.float32))["params"]}
+
+
+def sequence_score_from_pretrained(
+    path_or_id: str, num_labels: Optional[int] = None, dtype=None, *, rng: Optional[jax.Array] = None
+) -> Tuple[SequenceScoreModel, dict]:
+    """Load an HF directory -> (SequenceScoreModel, params).
+
+    A ``*ForSequenceClassification`` checkpoint loads its ``score``; a causal-LM checkpoint
+    drops ``lm_head`` and gets a fresh ``score`` from ``rng`` (as transformers does).
+    ``num_labels``: None reads the config's ``id2label`` (or ``num_labels``), else 2 (HF's default);
+    reward models use ``num_labels=1``. Save with ``rljax.models.save_pretrained(module, params, dir)``.
+    """
+    dtype = _as_dtype(dtype)
+    directory, cfg = read_checkpoint(path_or_id)
+    names = None
+    if "id2label" in cfg:
+        names = tuple(cfg["id2label"][k] for k in sorted(cfg["id2label"], key=int))
+    if num_labels is None:
+        num_labels = len(names) if names else int(cfg.get("num_labels", 2))
+    if names is not None and len(names) != num_labels:
+        names = None
+    module = SequenceScoreModel(config_from_dict(cfg), num_labels, dtype or jnp.float32, names)
+    defaults = init_score(module, jax.random.PRNGKey(0) if rng is None else rng)
+    params = state_dict_to_params(
+        load_state_dict(directory), abstract_params(module), family_of(module.config), dtype=dtype,
+        defaults=defaults, ignore=(r"^lm_head\.", r"^v_head\."),
+    )
+    return module, params
