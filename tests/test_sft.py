@@ -23,6 +23,7 @@ def tiny_model(tokenizer, seed=0):
     cfg = GPT2Config(
         vocab_size=len(tokenizer), n_positions=128, n_embd=32, n_layer=2, n_head=2,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=None,
     )
     module = model_from_config(cfg)
     return module, init_params(module, jax.random.PRNGKey(seed))
