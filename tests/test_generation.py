@@ -5,8 +5,6 @@ import functools
 import numpy as np
 import pytest
 
-import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import scipy.stats
@@ -297,39 +295,12 @@ def test_logprobs_equal_full_forward_log_softmax(gpt2, prompts):
     np.testing.assert_allclose(np.asarray(out.logprobs), expected, atol=1e-4)
 
 
-@flax.struct.dataclass
-class _ValueOutput:
-    logits: jax.Array
-    hidden_states: jax.Array
-    cache: object
-    values: jax.Array
-
-
-class _ToyValueModel(nn.Module):
-    """A stand-in for rljax.models.heads: GPT-2 plus a linear value head."""
-
-    config: object
-
-    @nn.compact
-    def __call__(self, input_ids, attention_mask=None, position_ids=None, cache=None, deterministic=True):
-        from rljax.models.gpt2 import GPT2LMHeadModel
-
-        out = GPT2LMHeadModel(self.config, name="lm")(input_ids, attention_mask, position_ids, cache, deterministic)
-        values = nn.Dense(1, name="v_head")(out.hidden_states)[..., 0]
-        return _ValueOutput(out.logits, out.hidden_states, out.cache, values)
-
-    def init_cache(self, batch_size, max_length, dtype=None):
-        from rljax.models.gpt2 import GPT2LMHeadModel
-
-        return GPT2LMHeadModel(self.config, parent=None).init_cache(batch_size, max_length, dtype)
-
-
 def test_values_align_with_the_predicting_position(gpt2, prompts):
+    from rljax.models.heads import AutoModelForCausalLMWithValueHead
+
     _, base, base_params = gpt2
     ids, mask = prompts
-    model = _ToyValueModel(base.config)
-    params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.asarray(ids[:1]))["params"]
-    params = {**params, "lm": base_params}
+    model, params = AutoModelForCausalLMWithValueHead.from_lm(base, base_params, rng=jax.random.PRNGKey(1))
     out = generate(model, params, ids, mask, jax.random.PRNGKey(5), max_new_tokens=6, return_values=True,
                    return_logprobs=True, eos_token_id=int(ids[1, -1]), pad_token_id=PAD)
     seq, rmask = np.asarray(out.sequences), np.asarray(out.response_mask)
