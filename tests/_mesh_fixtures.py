@@ -6,8 +6,6 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,33 +29,13 @@ def tiny_gpt2(seed: int = 0, **kw):
     return module, init_params(module, jax.random.PRNGKey(seed))
 
 
-@flax.struct.dataclass
-class ValueHeadOutput:
-    logits: jax.Array
-    values: jax.Array
-    hidden_states: jax.Array
-
-
-class TinyValueHeadModel(nn.Module):
-    """A causal LM plus a Dense(1) value head on the last hidden states (stands in for
-    rljax.models.heads until it lands). Params: ``{"pretrained_model": ..., "v_head": ...}``."""
-
-    config: GPT2Config
-
-    @nn.compact
-    def __call__(self, input_ids, attention_mask=None, position_ids=None, deterministic=True):
-        out = GPT2LMHeadModel(self.config, name="pretrained_model")(
-            input_ids, attention_mask, position_ids, deterministic=deterministic
-        )
-        values = nn.Dense(1, name="v_head")(out.hidden_states)[..., 0]
-        return ValueHeadOutput(logits=out.logits, values=values, hidden_states=out.hidden_states)
-
-
 def tiny_value_model(seed: int = 0, n_layer: int = 1):
-    module = TinyValueHeadModel(tiny_gpt2_config(n_layer=n_layer))
-    ids = jnp.zeros((1, 4), jnp.int32)
-    params = jax.jit(module.init)(jax.random.PRNGKey(seed), ids)["params"]
-    return module, params
+    """(CausalLMWithValueHead, params) over a tiny GPT-2: ``{"transformer": ..., "v_head": ...}``."""
+    from rljax.models.heads import AutoModelForCausalLMWithValueHead
+
+    lm, lm_params = tiny_gpt2(seed, n_layer=n_layer)
+    model = AutoModelForCausalLMWithValueHead.from_lm(lm, lm_params, rng=jax.random.PRNGKey(seed + 100))
+    return model.module, model.params
 
 
 def sft_batch(batch_size: int = 8, seq_len: int = 16, seed: int = 0) -> dict:

@@ -177,13 +177,13 @@ def test_state_shardings_mirror_params_in_optimizer_state_and_replicate_scalars(
     module, config, state, _, _ = _ppo_setup()
     mesh = S.make_mesh(2, 2, 2)
     sh = S.state_shardings(state, mesh)
-    kernel = "pretrained_model/transformer/h_0/attn/c_attn/kernel"
+    kernel = "transformer/h_0/attn/c_attn/kernel"
     assert _leaf(sh, f"params/{kernel}").spec == P("fsdp", "model")
     assert _leaf(sh, f"ref_params/{kernel}").spec == P("fsdp", "model")
     mu = [x for p, x in jax.tree_util.tree_flatten_with_path(sh.opt_state)[0] if S.path_str(p).endswith("mu/" + kernel)]
     nu = [x for p, x in jax.tree_util.tree_flatten_with_path(sh.opt_state)[0] if S.path_str(p).endswith("nu/" + kernel)]
     assert [m.spec for m in mu] == [P("fsdp", "model")] and [n.spec for n in nu] == [P("fsdp", "model")]
-    assert _leaf(sh, "params/v_head/kernel").spec == P()  # value head replicated
+    assert _leaf(sh, "params/v_head/summary/kernel").spec == P()  # value head replicated
     for path in ("step", "rng", "kl/value", "score_moments/mean", "score_moments/count"):
         assert _leaf(sh, path).spec == P(), path
     counts = [x.spec for p, x in jax.tree_util.tree_flatten_with_path(sh.opt_state)[0] if S.path_str(p).endswith("count")]
@@ -303,10 +303,10 @@ def test_ppo_step_on_mesh_matches_one_device(shape):
     assert _max_diff(stats, ref_stats) < 1e-4  # stats include sums over tokens (e.g. objective/kl)
     assert float(ref_stats["ppo/epochs_run"]) == 2.0
     d, f, m = shape
-    kernel = new.params["pretrained_model"]["transformer"]["h_0"]["mlp"]["c_fc"]["kernel"]  # [32, 128]
+    kernel = new.params["transformer"]["h_0"]["mlp"]["c_fc"]["kernel"]  # [32, 128]
     assert kernel.sharding.spec == P("fsdp", "model") and _shard_shape(kernel) == (32 // f, 128 // m)
-    assert new.params["v_head"]["kernel"].sharding.spec == P()
-    ref_kernel = new.ref_params["pretrained_model"]["transformer"]["h_0"]["mlp"]["c_fc"]["kernel"]
+    assert new.params["v_head"]["summary"]["kernel"].sharding.spec == P()
+    ref_kernel = new.ref_params["transformer"]["h_0"]["mlp"]["c_fc"]["kernel"]
     assert _shard_shape(ref_kernel) == (32 // f, 128 // m)
 
 
