@@ -11,9 +11,9 @@ __version__ = "0.1.0"
 _LAZY = {
     # name -> module that defines it
     "PPOConfig": "rljax.ppo",
-    "PPOTrainer": "rljax.ppo",
+    "PPOTrainer": "rljax.ppo_trainer",
     "AutoModelForCausalLMWithValueHead": "rljax.models.heads",
-    "create_reference_model": "rljax.ppo",
+    "create_reference_model": "rljax.ppo_trainer",
     "respond_to_batch": "rljax.generation",
     "SFTConfig": "rljax.sft",
     "SFTTrainer": "rljax.sft",
