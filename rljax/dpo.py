@@ -161,7 +161,8 @@ def make_dpo_loss(
         )
         losses, chosen_rewards, rejected_rewards = dpo_loss(
             pc, pr, batch["reference_chosen_logps"], batch["reference_rejected_logps"],
-            beta=beta, label_smoothing=label_smoothing, loss_type=loss_type, reference_free=reference_free,
+            beta=beta, label_smoothing=label_smoothing if loss_type == "sigmoid" else 0.0,  # others ignore it
+            loss_type=loss_type, reference_free=reference_free,
         )
         n = pc.shape[0]
         logits = jax.lax.stop_gradient(logits)

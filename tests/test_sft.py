@@ -53,19 +53,30 @@ def flat(params):
     return np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree_util.tree_leaves(params)])
 
 
-def test_sft_lowers_held_out_loss(tiny_tokenizer, tmp_path, model):
-    trainer = SFTTrainer(model, config(tmp_path), train_dataset=corpus(64, 0), eval_dataset=corpus(16, 1), tokenizer=tiny_tokenizer)
+@pytest.fixture(scope="module")
+def trained(tiny_tokenizer, model, tmp_path_factory):
+    """40 steps into an output_dir that already holds a file (overwrite_output_dir=True)."""
+    tmp = tmp_path_factory.mktemp("sft")
+    (tmp / "out").mkdir()
+    (tmp / "out" / "keep.txt").write_text("x")
+    trainer = SFTTrainer(model, config(tmp, overwrite_output_dir=True), train_dataset=corpus(64, 0),
+                         eval_dataset=corpus(16, 1), tokenizer=tiny_tokenizer)
     before = trainer.evaluate()["eval_loss"]
     out = trainer.train()
-    after = trainer.evaluate()
+    return trainer, before, out, trainer.evaluate(), tmp
+
+
+def test_sft_lowers_held_out_loss(trained, model):
+    trainer, before, out, after, tmp = trained
     assert after["eval_loss"] < 0.7 * before, (before, after)
     assert after["eval_perplexity"] == pytest.approx(np.exp(after["eval_loss"]), rel=1e-5)
     assert out["step"] == 40 and "loss" in out and "grad_norm" in out
     # the caller's params survive the donated train step and are untouched
     assert np.isfinite(flat(model[1])).all()
     assert not np.allclose(flat(model[1]), flat(trainer.params))
-    lines = open(os.path.join(str(tmp_path / "out"), "metrics.jsonl")).read().splitlines()
+    lines = open(os.path.join(str(tmp / "out"), "metrics.jsonl")).read().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [10, 20, 30, 40]
+    assert (tmp / "out" / "keep.txt").exists()
 
 
 def test_sft_packing_gives_full_length_rows_and_trains(tiny_tokenizer, tmp_path, model):
@@ -137,15 +148,12 @@ def test_sft_bad_inputs(tiny_tokenizer, tmp_path, model):
         trainer.train()
 
 
-def test_sft_overwrite_then_save_model_loads_in_transformers(tiny_tokenizer, tmp_path, model):
+def test_sft_save_model_loads_in_transformers(trained, tiny_tokenizer):
     torch = pytest.importorskip("torch")
     from transformers import AutoTokenizer, GPT2LMHeadModel
 
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "keep.txt").write_text("x")
-    trainer = SFTTrainer(model, config(tmp_path, max_steps=2, overwrite_output_dir=True), train_dataset=corpus(8, 0), tokenizer=tiny_tokenizer)
-    assert trainer.train()["step"] == 2
-    path = str(tmp_path / "saved")
+    trainer, *_, tmp = trained
+    path = str(tmp / "saved")
     trainer.save_model(path)
     hf = GPT2LMHeadModel.from_pretrained(path).eval()
     assert AutoTokenizer.from_pretrained(path).pad_token_id == tiny_tokenizer.pad_token_id
