@@ -19,7 +19,9 @@ Sequence layout: ``input_ids = [left-padded query (P) | response (N)]``; the
 response is right-padded after eos. Position ``t`` of the ``[B, P+N-1]`` arrays
 is about predicting token ``t+1`` (TRL's shift), so ``masks[:, t] = 1`` iff token
 ``t+1`` is a real response token. Only masked-out positions differ from TRL's
-right-padded layout, and every TRL quantity on masked positions is unchanged.
+right-padded layout, and every TRL quantity on masked positions is unchanged
+(``whiten_rewards`` is the one place the pad count leaks into the numbers; see
+``advantages_in_trl_layout``).
 """
 from __future__ import annotations
 
@@ -200,6 +202,39 @@ def make_rollout(module: Any, generate_fn: Callable, kl_penalty_mode: str = "kl"
     return rollout
 
 
+def _roll_rows(x: Array, shift: Array) -> Array:
+    """Roll row ``b`` of ``x`` [B, W] right by ``shift[b]`` (negative: left), wrapping around."""
+    W = x.shape[1]
+    idx = (jnp.arange(W)[None, :] - shift[:, None]) % W
+    return jnp.take_along_axis(x, idx, axis=1)
+
+
+def advantages_in_trl_layout(
+    rollout: Rollout, rewards: Array, masks: Array, gamma: float, lam: float, whiten_rewards: bool = False
+) -> Tuple[Array, Array, Array]:
+    """``compute_advantages`` with TRL's padding where the layout shows through.
+
+    With ``whiten_rewards`` TRL whitens the masked rewards at EVERY position, so each
+    trailing pad position after a response carries ``mean * (1 - rsqrt(var))`` and the GAE
+    recursion carries it back into that response's advantages and returns. TRL's trailing
+    pad count is its right-padded ``[query | response]`` length, ``max_b(len q_b + len r_b)``,
+    minus the row's own length; ours would be ``N - len r``. Each row is rolled so that it
+    has TRL's count (only masked positions wrap), GAE runs, and the results roll back.
+    Without ``whiten_rewards`` masked rewards and values are zero and the layout cannot
+    matter, so no roll is done. All outputs [B, T] in rljax's layout.
+    """
+    if not whiten_rewards:
+        return compute_advantages(rollout.values, rewards, masks, gamma, lam, whiten_rewards=False)
+    qlen = rollout.query_mask.sum(-1).astype(jnp.int32)
+    rlen = rollout.response_mask.sum(-1).astype(jnp.int32)
+    shift = rollout.responses.shape[1] + qlen - jnp.max(qlen + rlen)
+    roll = lambda x: _roll_rows(x, shift)  # noqa: E731
+    values, advantages, returns = compute_advantages(
+        roll(rollout.values), roll(rewards), roll(masks), gamma, lam, whiten_rewards=True
+    )
+    return tuple(_roll_rows(x, -shift) for x in (values, advantages, returns))
+
+
 # ==========================================================================
 # 3. The PPO step
 # ==========================================================================
@@ -211,7 +246,10 @@ def make_ppo_step(module: Any, config: PPOConfig, *, num_processes: int = 1) -> 
     TRL 0.7.11's optimisation phase: ``ppo_epochs`` epochs, each a fresh permutation cut
     into backward batches of ``mini_batch_size * gradient_accumulation_steps``; gradients of
     the ``gradient_accumulation_steps`` minibatches are averaged (accelerate's scaling) and
-    clipped, then one optimizer update. Training-mode forward (dropout on, as TRL).
+    clipped, then one optimizer update. Every forward pass runs without dropout: TRL
+    0.7.11's ``batched_forward_pass`` calls ``model.eval()`` before the training forward
+    too (``model.train()`` comes only after it, in ``train_minibatch``), so TRL's PPO never
+    applies dropout and the first minibatch's ratio is exactly 1.
     Deliberate fixes: a backward batch whose minibatches were all skipped by
     ``ratio_threshold`` leaves params and optimizer untouched (quirk 6); non-finite
     scores leave the whole state untouched (``ppo/skipped_nonfinite_scores`` = 1).
@@ -222,10 +260,10 @@ def make_ppo_step(module: Any, config: PPOConfig, *, num_processes: int = 1) -> 
         raise ValueError(f"batch_size {B} must be a multiple of mini_batch_size*gradient_accumulation_steps = {bb}.")
     n_bb, epochs = B // bb, config.ppo_epochs
 
-    def loss_fn(params, batch, rng):
+    def loss_fn(params, batch):
         out = module.apply(
             {"params": params}, batch["input_ids"], batch["attention_mask"], batch["position_ids"],
-            deterministic=False, rngs={"dropout": rng},
+            deterministic=True,
         )
         logits = out.logits[:, :-1]
         logprobs = logprobs_from_logits(logits, batch["input_ids"][:, 1:])
@@ -245,18 +283,17 @@ def make_ppo_step(module: Any, config: PPOConfig, *, num_processes: int = 1) -> 
         def backward_batch(carry, inputs):
             """GA minibatches -> averaged grads -> one update (unless all skipped)."""
             params, opt_state = carry
-            idx, key = inputs  # idx [GA, mb]
+            idx = inputs  # [GA, mb]
 
-            def minibatch(grads_acc, xs):
-                mb_idx, mb_key = xs
+            def minibatch(grads_acc, mb_idx):
                 batch = jax.tree_util.tree_map(lambda x: x[mb_idx], data)
-                (_, stats), grads = grad_fn(params, batch, mb_key)
+                (_, stats), grads = grad_fn(params, batch)
                 keep = 1.0 - stats["skipped"]
                 grads = jax.tree_util.tree_map(lambda g: jnp.where(keep > 0, g, 0.0), grads)
                 return jax.tree_util.tree_map(jnp.add, grads_acc, grads), stats
 
             zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
-            grads, stats = jax.lax.scan(minibatch, zeros, (idx, jax.random.split(key, GA)))
+            grads, stats = jax.lax.scan(minibatch, zeros, idx)
             grads = jax.tree_util.tree_map(lambda g: g / GA, grads)
             updates, new_opt_state = tx.update(grads, opt_state, params)
             new_params = optax.apply_updates(params, updates)
@@ -268,12 +305,11 @@ def make_ppo_step(module: Any, config: PPOConfig, *, num_processes: int = 1) -> 
 
         def epoch(carry, key):
             params, opt_state, stopped = carry
-            perm_key, mb_key = jax.random.split(key)
+            perm_key, _ = jax.random.split(key)
             idx = jax.random.permutation(perm_key, B).reshape(n_bb, GA, mb)
-            keys = jax.random.split(mb_key, n_bb)
 
             def run(_):
-                (p, o), stats = jax.lax.scan(backward_batch, (params, opt_state), (idx, keys))
+                (p, o), stats = jax.lax.scan(backward_batch, (params, opt_state), idx)
                 return p, o, stats
 
             def skip(_):
@@ -309,8 +345,8 @@ def make_ppo_step(module: Any, config: PPOConfig, *, num_processes: int = 1) -> 
             rewards, non_score, kls = compute_rewards(
                 scores_p, rollout.logprobs, rollout.ref_logprobs, masks, kl_coef, config.kl_penalty
             )
-        values, advantages, returns = compute_advantages(
-            rollout.values, rewards, masks, config.gamma, config.lam, whiten_rewards=config.whiten_rewards
+        values, advantages, returns = advantages_in_trl_layout(
+            rollout, rewards, masks, config.gamma, config.lam, whiten_rewards=config.whiten_rewards
         )
         input_ids, attention_mask, position_ids, _ = sequence_inputs(
             rollout.queries, rollout.query_mask, rollout.responses, rollout.response_mask
