@@ -11,7 +11,7 @@ import json
 import math
 import os
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -30,34 +30,66 @@ class TrainingArguments:
     with the same names and defaults."""
 
     output_dir: str = "runs/rljax"
+    """Directory for metrics.jsonl, checkpoints (checkpoint-<step>/) and the saved model."""
     overwrite_output_dir: bool = False
+    """Allow writing into a non-empty output_dir."""
     learning_rate: float = 5e-5
+    """Peak AdamW learning rate."""
     weight_decay: float = 0.0
+    """AdamW weight decay (matrices only; no biases or norm scales)."""
     adam_beta1: float = 0.9
+    """AdamW beta1."""
     adam_beta2: float = 0.999
+    """AdamW beta2."""
     adam_epsilon: float = 1e-8
+    """AdamW epsilon."""
     max_grad_norm: Optional[float] = 1.0
+    """Clip gradients to this global norm (None or 0: no clipping)."""
     num_train_epochs: float = 3.0
+    """Epochs over the training set (ignored when max_steps > 0)."""
     max_steps: int = -1
+    """Total optimizer updates; overrides num_train_epochs when > 0."""
     lr_scheduler_type: str = "linear"
+    """Learning-rate schedule: linear, cosine, constant or constant_with_warmup."""
     warmup_ratio: float = 0.0
+    """Fraction of the updates spent warming up (used when warmup_steps is 0)."""
     warmup_steps: int = 0
+    """Linear warm-up updates (overrides warmup_ratio)."""
     per_device_train_batch_size: int = 8
+    """Examples per micro-batch."""
     per_device_eval_batch_size: int = 8
+    """Examples per evaluation batch."""
     gradient_accumulation_steps: int = 1
+    """Micro-batches whose gradients are averaged per update."""
     logging_steps: int = 500
+    """Log metrics every N updates (and at the last one)."""
     logging_first_step: bool = False
+    """Also log after the first update."""
     evaluation_strategy: str = "no"  # "no" | "steps" | "epoch"
+    """When to evaluate: no, steps (every eval_steps) or epoch."""
     eval_steps: Optional[int] = None
+    """Evaluate every N updates (None: logging_steps)."""
     save_strategy: str = "steps"  # "no" | "steps" | "epoch"
+    """When to checkpoint: no, steps (every save_steps) or epoch."""
     save_steps: int = 500
+    """Checkpoint every N updates (HF model + resumable train state in checkpoint-<step>/)."""
     save_total_limit: Optional[int] = None
+    """Accepted for HF compatibility; old checkpoints are not deleted."""
     seed: int = 42
+    """Seed for parameter init, dropout and data order."""
     remove_unused_columns: bool = True
+    """Accepted for HF compatibility."""
     report_to: Optional[List[str]] = None
+    """Extra metric sinks besides metrics.jsonl: tensorboard, wandb, stdout, all or none."""
     disable_tqdm: bool = False
+    """Hide the progress bar."""
     bf16: bool = False
+    """Accepted for HF compatibility, not applied (load the model with dtype=bfloat16 instead)."""
     dataloader_drop_last: bool = False
+    """Accepted for HF compatibility (training batches always drop the last partial one)."""
+    resume_from_checkpoint: Optional[str] = None
+    """A checkpoint-<step> directory (or a directory holding them: the newest) to resume training from;
+    train() uses it when called without resume_from_checkpoint (HF scripts pass it to train() themselves)."""
 
     def __post_init__(self) -> None:
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
@@ -209,6 +241,7 @@ class Trainer:
         self.state: Optional[TrainState] = None
         self._train_step = None
         self._eval_step = None
+        self._metric_logger = None  # built on the first _log when args.report_to names sinks
 
     # -- hooks --------------------------------------------------------------------------------
     loss_fn: LossFn
@@ -246,9 +279,38 @@ class Trainer:
         if os.path.isdir(self.args.output_dir):
             with open(path, "a") as f:
                 f.write(json.dumps(metrics) + "\n")
+        logger = self._sinks()
+        if logger is not None:
+            logger.log(metrics, int(metrics.get("step", len(self.log_history))))
 
-    def train(self) -> Dict[str, float]:
-        """Run the training loop; returns the final logged metrics (TrainOutput-like dict)."""
+    def _sinks(self):
+        """``rljax.logging.MetricLogger`` for the sinks ``args.report_to`` names besides the
+        always-written metrics.jsonl (tensorboard, wandb, stdout); None when there are none."""
+        if self._metric_logger is None:
+            from rljax.logging import MetricLogger, resolve_sink_names
+
+            names = [n for n in resolve_sink_names(self.args.report_to) if n != "jsonl"]
+            self._metric_logger = (
+                MetricLogger(names, self.args.output_dir, config=self.args.to_dict(), project_name=type(self).__name__)
+                if names else False
+            )
+        return self._metric_logger or None
+
+    def close_loggers(self) -> None:
+        """Flush and close the report_to sinks (train() does this at its end)."""
+        if self._metric_logger:
+            self._metric_logger.close()
+        self._metric_logger = None
+
+    def train(self, resume_from_checkpoint: Union[None, bool, str] = None) -> Dict[str, float]:
+        """Run the training loop; returns the final logged metrics (TrainOutput-like dict).
+
+        ``resume_from_checkpoint`` (HF semantics): a ``checkpoint-<step>`` directory written by
+        this loop, a directory holding such checkpoints (the newest is used), or True for the
+        newest one in ``args.output_dir``. Params, optimizer state, step, PRNG key, data
+        position and log history are restored, so the run continues exactly as if it had
+        never stopped (same args required).
+        """
         from tqdm.auto import tqdm
 
         args = self.args
@@ -259,7 +321,14 @@ class Trainer:
                 f"train_dataset has {len(self.train_dataset)} examples, fewer than one batch "
                 f"(per_device_train_batch_size x gradient_accumulation_steps = {args.train_batch_size}); lower the batch size."
             )
-        prepare_output_dir(args.output_dir, args.overwrite_output_dir)
+        if resume_from_checkpoint is None:
+            resume_from_checkpoint = args.resume_from_checkpoint
+        resume_dir = None
+        if resume_from_checkpoint not in (None, False):
+            resume_dir = find_resume_checkpoint(args.output_dir if resume_from_checkpoint is True else resume_from_checkpoint)
+            os.makedirs(args.output_dir, exist_ok=True)
+        else:
+            prepare_output_dir(args.output_dir, args.overwrite_output_dir)
         self.state = self.create_state()
         self._train_step = make_train_step(self.loss_fn, args.gradient_accumulation_steps)
         total = self.num_training_steps()
@@ -267,9 +336,14 @@ class Trainer:
             self.train_dataset, args.train_batch_size, seed=args.seed, shuffle=True, drop_last=True,
             collate_fn=self.collate,
         )
+        start = 0
+        if resume_dir is not None:
+            self.state, extra = restore_train_state(resume_dir, self.state)
+            start, batches.position = int(extra["step"]), int(extra["data_position"])
+            self.log_history = list(extra.get("log_history", []))
         running, t0 = [], time.time()
-        pbar = tqdm(total=total, desc=type(self).__name__, disable=args.disable_tqdm)
-        for step in range(1, total + 1):
+        pbar = tqdm(total=total, initial=start, desc=type(self).__name__, disable=args.disable_tqdm)
+        for step in range(start + 1, total + 1):
             epoch = batches.epoch
             self.state, metrics = self._train_step(self.state, next(batches))
             running.append(metrics)
@@ -288,8 +362,11 @@ class Trainer:
                 args.save_strategy == "epoch" and batches.epoch > epoch
             )
             if save_now and step < total:
-                self.save_model(os.path.join(args.output_dir, f"checkpoint-{step}"))
+                checkpoint_dir = os.path.join(args.output_dir, f"checkpoint-{step}")
+                self.save_model(checkpoint_dir)
+                save_train_state(checkpoint_dir, self.state, step, batches.position, self.log_history)
         pbar.close()
+        self.close_loggers()
         out = dict(self.log_history[-1]) if self.log_history else {}
         out["train_runtime"] = time.time() - t0
         return out
@@ -347,3 +424,49 @@ def apply_overrides(config: Any, overrides: Dict[str, Any], owner: str) -> Any:
         raise ValueError(f"{owner} got unknown option(s) {unknown}; valid options are the fields of {type(config).__name__}.")
     given = {k: v for k, v in overrides.items() if v is not None}
     return dataclasses.replace(config, **given) if given else config
+
+
+# --------------------------------------------------------------------------------------------
+# Resumable checkpoints: checkpoint-<step>/ holds the HF model and train_state/ (orbax)
+# --------------------------------------------------------------------------------------------
+
+TRAIN_STATE_DIR = "train_state"
+
+
+def save_train_state(checkpoint_dir: str, state: TrainState, step: int, data_position: int, log_history=()) -> None:
+    """Write the full ``TrainState`` (params, optimizer, step, PRNG key) and the data position
+    to ``checkpoint_dir/train_state`` (``rljax.checkpoint.Checkpointer``, synchronous: the
+    next train step donates the state)."""
+    from rljax.checkpoint import Checkpointer
+
+    extra = {"step": int(step), "data_position": int(data_position), "log_history": [dict(h) for h in log_history]}
+    with Checkpointer(os.path.join(checkpoint_dir, TRAIN_STATE_DIR), async_save=False, overwrite=True) as ck:
+        ck.save(int(step), state, extra, force=True)
+
+
+def find_resume_checkpoint(path: str) -> str:
+    """The ``checkpoint-<step>`` directory to resume from: ``path`` itself when it holds a
+    train state, else the newest ``checkpoint-<step>`` inside ``path`` that holds one."""
+    if os.path.isdir(os.path.join(path, TRAIN_STATE_DIR)):
+        return path
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"resume_from_checkpoint: {path!r} is not a directory.")
+    found = []
+    for name in os.listdir(path):
+        head, _, tail = name.partition("-")
+        if head == "checkpoint" and tail.isdigit() and os.path.isdir(os.path.join(path, name, TRAIN_STATE_DIR)):
+            found.append((int(tail), name))
+    if not found:
+        raise FileNotFoundError(
+            f"resume_from_checkpoint: no checkpoint-<step>/{TRAIN_STATE_DIR} in {path!r}; checkpoints are written every "
+            "save_steps updates (save_strategy='steps') by Trainer.train."
+        )
+    return os.path.join(path, max(found)[1])
+
+
+def restore_train_state(checkpoint_dir: str, template: TrainState):
+    """``(state, extra)`` from ``checkpoint_dir/train_state`` into the structure of ``template``."""
+    from rljax.checkpoint import Checkpointer
+
+    with Checkpointer(os.path.join(checkpoint_dir, TRAIN_STATE_DIR), resume=True, async_save=False) as ck:
+        return ck.restore(target_state=template)
