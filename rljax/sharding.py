@@ -16,8 +16,10 @@ Parameters get a ``PartitionSpec`` from the first rule whose regex matches their
 '/'-joined path (``transformer/h_0/attn/c_attn/kernel``), as in EasyLM. Rules are
 searched with ``re.search``, so the same table covers ``params/...``,
 ``ref_params/...`` and the optimizer's moments (``opt_state/0/mu/transformer/...``),
-which mirror the params. A rule whose mesh axes do not divide a dim is relaxed to
-replicate that dim, so tiny test models never fail to shard.
+which mirror the params. A rule's value is a ``PartitionSpec`` or a tuple of
+candidate specs (the first whose mesh axes divide every dim wins). When none fits,
+the first is relaxed: each dim its axes do not divide is replicated, so tiny test
+models (and odd vocabularies) never fail to shard.
 
 The pattern every trainer uses::
 
@@ -63,8 +65,9 @@ _HEAD_RULES = [
 
 # GPT-2: Dense kernels are [in, out] (HF Conv1D layout); c_attn's out is [q | k | v].
 GPT2_RULES = _HEAD_RULES + [
-    (r"wte/embedding$", P("model", "fsdp")),  # [vocab, hidden]: vocab on model, hidden on fsdp
-    (r"wpe/embedding$", P(None, "fsdp")),  # [positions, hidden]
+    # [vocab, hidden]: vocab on model, hidden on fsdp; odd vocabs (50257) shard hidden on both
+    (r"wte/embedding$", (P("model", "fsdp"), P(None, ("fsdp", "model")))),
+    (r"wpe/embedding$", (P(None, "fsdp"), P(None, ("fsdp", "model")))),  # [positions, hidden]
     (r"attn/c_attn/kernel$", P("fsdp", "model")),  # [hidden, 3*hidden]: heads on model
     (r"attn/c_attn/bias$", P("model")),
     (r"attn/c_proj/kernel$", P("model", "fsdp")),  # [hidden, hidden]: input features = heads
@@ -77,7 +80,7 @@ GPT2_RULES = _HEAD_RULES + [
 
 # Llama / Mistral / Qwen2: flax kernels are [in, out] (transposed from nn.Linear on load).
 LLAMA_RULES = _HEAD_RULES + [
-    (r"embed_tokens/embedding$", P("model", "fsdp")),  # [vocab, hidden]
+    (r"embed_tokens/embedding$", (P("model", "fsdp"), P(None, ("fsdp", "model")))),  # [vocab, hidden]
     (r"self_attn/(q_proj|k_proj|v_proj)/kernel$", P("fsdp", "model")),  # [hidden, heads*head_dim]
     (r"self_attn/(q_proj|k_proj|v_proj)/bias$", P("model")),
     (r"self_attn/o_proj/kernel$", P("model", "fsdp")),  # [heads*head_dim, hidden]
@@ -223,10 +226,21 @@ def fit_spec(spec: Any, shape: Tuple[int, ...], mesh: Mesh, path: str = "") -> P
     return P(*out)
 
 
+def _fits(spec: P, shape: Tuple[int, ...], mesh: Mesh) -> bool:
+    entries = list(spec)
+    return len(entries) <= len(shape) and all(
+        axes is None or (all(a in mesh.shape for a in ((axes,) if isinstance(axes, str) else axes)) and dim % _axis_size(mesh, axes) == 0)
+        for dim, axes in zip(shape, entries)
+    )
+
+
 def match_spec(path: str, shape: Tuple[int, ...], mesh: Mesh, rules: Rules) -> P:
-    """The (fitted) spec of the first rule whose regex ``re.search``-es ``path``; replicate if none."""
+    """The (fitted) spec of the first rule whose regex ``re.search``-es ``path``; replicate if none.
+    A rule value that is a tuple of specs picks the first that fits ``shape`` exactly."""
     for pattern, spec in rules:
         if re.search(pattern, path):
+            if isinstance(spec, tuple) and not isinstance(spec, P):
+                spec = next((c for c in spec if _fits(c, shape, mesh)), spec[0])
             return fit_spec(spec, shape, mesh, path)
     return P()
 

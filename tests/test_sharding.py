@@ -145,6 +145,8 @@ def test_rules_replicate_dims_the_mesh_does_not_divide():
     assert _leaf(specs, "transformer/h_0/attn/c_attn/kernel") == P("fsdp", "model")  # [12, 36]
     assert _leaf(specs, "transformer/h_0/attn/c_proj/kernel") == P("model", "fsdp")  # [12, 12]
     assert _leaf(specs, "transformer/wpe/embedding") == P(None, "fsdp")
+    odd_vocab = _abstract_gpt2(vocab_size=61, n_embd=16, n_head=4)  # like GPT-2's 50257: hidden on fsdp x model
+    assert _leaf(S.partition_specs(odd_vocab, mesh), "transformer/wte/embedding") == P(None, ("fsdp", "model"))
     assert S.fit_spec(P("fsdp", "model"), (3, 5), mesh) == P()
     assert S.fit_spec(P(("data", "fsdp")), (6,), S.make_mesh(2, 4, 1)) == P()
     assert S.fit_spec(P("fsdp"), (), mesh) == P()
