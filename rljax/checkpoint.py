@@ -72,6 +72,8 @@ def _encode(obj: Any) -> Any:
         return [_encode(v) for v in obj]
     if isinstance(obj, jax.Array) and jax.dtypes.issubdtype(obj.dtype, jax.dtypes.prng_key):
         obj = jax.random.key_data(obj)
+    if isinstance(obj, np.generic) and obj.dtype.kind in "biuf":
+        return obj.item()  # numpy scalars (e.g. logged metrics) stay plain JSON numbers (exact value)
     if isinstance(obj, (jax.Array, np.ndarray, np.generic)):
         arr = np.asarray(jax.device_get(obj))
         if arr.dtype.byteorder == ">":

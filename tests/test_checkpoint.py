@@ -45,11 +45,13 @@ def test_extra_round_trips_arrays_bit_exactly():
 
     extra = {
         "data_position": 123, "config": {"lr": 1.41e-5, "name": "x", "sizes": [1, 2]}, "none": None,
+        "logged": [{"loss": np.float32(0.1), "step": np.int64(3)}],
         "rng": jax.random.PRNGKey(7), "typed_key": jax.random.key(3),
         "f32": np.array([np.nan, -0.0, 1e-45, np.inf], np.float32), "bf16": np.ones((2, 2), ml_dtypes.bfloat16),
     }
     out = _decode(_encode(extra))
     assert out["data_position"] == 123 and out["config"] == extra["config"] and out["none"] is None
+    assert out["logged"] == [{"loss": float(np.float32(0.1)), "step": 3}]  # numpy scalars -> JSON numbers
     assert out["rng"].dtype == np.uint32 and np.array_equal(out["rng"], np.asarray(extra["rng"]))
     assert np.array_equal(out["typed_key"], np.asarray(jax.random.key_data(extra["typed_key"])))
     assert out["f32"].tobytes() == extra["f32"].tobytes() and out["bf16"].dtype == extra["bf16"].dtype
