@@ -421,6 +421,7 @@ def make_train(
     scalar stats in ``SCALAR_STAT_KEYS`` plus ``env/reward_mean``, each ``[num_steps]``.
     jit it (``jax.jit(train)``); ``jax.vmap`` over states trains several seeds at once.
     """
+    prompts, prompt_mask = jnp.asarray(prompts), jnp.asarray(prompt_mask)  # numpy banks cannot take traced indices
     chex.assert_rank([prompts, prompt_mask], 2)
     n = prompts.shape[0]
     if n < config.batch_size:

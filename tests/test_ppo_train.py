@@ -13,7 +13,6 @@ on masked positions are comparable position by position.
 Every distinct ``PPOConfig`` is one XLA compilation (seconds on CPU), so the configs
 below are few and each serves several tests.
 """
-import dataclasses
 import math
 
 import jax
@@ -24,11 +23,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from flax.traverse_util import flatten_dict
 
 from rljax.data import pad_sequences
 from rljax.generation import make_generate_fn
-from rljax.models import from_pretrained, init_params, model_from_config
+from rljax.models import init_params, model_from_config
 from rljax.models.gpt2 import GPT2Config
 from rljax.models.heads import AutoModelForCausalLMWithValueHead
 from rljax.models.hub import family_of, params_to_state_dict
@@ -601,3 +599,46 @@ def test_max_grad_norm_clips_the_gradient(models):
     mu = as_state_dict(models, adam_first_moment(clipped.opt_state))
     for k, v in ref["exp_avg"].items():
         np.testing.assert_allclose(mu[_torch_name(k)], v, rtol=GRAD_RTOL, atol=1e-10, err_msg=k)
+
+
+# --------------------------------------------------------------------------
+# 3. Learning: the whole loop as one compiled function
+# --------------------------------------------------------------------------
+
+TARGET_TOKENS = jnp.array([3, 4, 5, 6])
+
+
+def count_target_tokens(rollout):
+    """A JAX reward: how many response tokens are in TARGET_TOKENS (about 0.5 of 8 at random)."""
+    hits = jnp.isin(rollout.responses, TARGET_TOKENS) & (rollout.response_mask > 0)
+    return hits.sum(-1).astype(jnp.float32)
+
+
+@pytest.mark.slow
+def test_make_train_learns_a_token_counting_reward_for_two_seeds_at_once():
+    """``jax.jit(jax.vmap(make_train(...)))``: two seeds, 12 PPO iterations each (generate 8
+    tokens for 32 prompts, score, 4 epochs x 4 minibatches), one compilation."""
+    vocab = 64
+    lm = model_from_config(GPT2Config(vocab_size=vocab, n_positions=32, n_embd=32, n_layer=1, n_head=2,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1,
+                                      eos_token_id=2))
+    model = AutoModelForCausalLMWithValueHead.from_lm(lm, init_params(lm, jax.random.PRNGKey(0)),
+                                                      summary_dropout_prob=0.0)
+    config = PPOConfig(batch_size=32, mini_batch_size=8, ppo_epochs=4, learning_rate=1e-3, seed=0)
+    prompts = np.random.RandomState(0).randint(7, vocab, (64, 4)).astype(np.int32)
+    generate_fn = make_generate_fn(model.module, max_new_tokens=8, do_sample=True, pad_token_id=PAD, jit=False)
+    train = make_train(model.module, config, generate_fn, count_target_tokens, prompts, np.ones_like(prompts), 12)
+    state = PPOTrainState.create(model.params, model.params, config)
+    states = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), state, state.replace(rng=jax.random.PRNGKey(1)))
+    final, stats = jax.jit(jax.vmap(train))(states)
+
+    reward = np.asarray(stats["env/reward_mean"])  # [2 seeds, 12 steps]
+    kl = np.asarray(stats["objective/kl"])
+    assert reward.shape == (2, 12)
+    first, last = reward[:, :5].mean(1), reward[:, -5:].mean(1)
+    assert np.all(last > first + 1.5), reward
+    assert np.all(np.abs(kl) < 20), kl
+    assert np.all(np.isfinite(np.asarray(stats["ppo/loss/total"])))
+    assert not np.array_equal(reward[0], reward[1])  # the seeds really differ
+    assert np.all(np.asarray(final.step) == 12)
+    assert np.all(np.asarray(stats["objective/kl_coef"])[:, -1] < 0.2)  # adaptive: KL below target 6 early on
