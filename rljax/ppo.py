@@ -503,8 +503,8 @@ class PPOConfig:
     """Experiment name; defaults to the running script's file name without `.py`."""
     seed: int = 0
     """Seed for every random draw (parameter init, sampling, minibatch shuffling)."""
-    log_with: Optional[Literal["wandb", "tensorboard"]] = None
-    """Metric tracker to log to: "wandb" or "tensorboard" (None: no tracker)."""
+    log_with: Optional[Literal["wandb", "tensorboard", "jsonl"]] = None
+    """Metric tracker to log to: "wandb", "tensorboard" or "jsonl" (None: no tracker); see rljax.logging."""
     task_name: Optional[str] = None
     """Task name; recorded for tracking only."""
     model_name: Optional[str] = "gpt2"
