@@ -9,8 +9,11 @@ number of CPU threads. Cases:
             d=256 GPT-2 and the GPT-2-small shape
 
 Reported: median wall time of steady-state calls, the ratio PyTorch / rljax (>1
-means rljax is faster) and rljax's one-off jit cost (first call minus the
-median). Usage:
+means rljax is faster) and rljax's one-off cost to trace + compile (measured ahead of time with
+``jit(...).lower(...).compile()``). The machine's load average is printed: on a
+shared machine, oversubscribed CPUs slow both frameworks, and not equally: with
+2 threads on 2 busy cores PyTorch's thread pool was 5-7x slower than with 1
+thread (2026-11-25), so prefer ``--threads 1`` on a loaded machine. Usage:
 
   python experiments/benchmarks/bench_models.py [--quick] [--threads 2] [--out FILE]
 """
@@ -56,6 +59,13 @@ def timed(fn, reps: int):
     return first, statistics.median(times)
 
 
+def compile_time(jitted, *args) -> float:
+    """Seconds to trace, lower and compile ``jitted`` for these arguments (ahead of time)."""
+    t0 = time.perf_counter()
+    jitted.lower(*args).compile()
+    return time.perf_counter() - t0
+
+
 def build(hf_config, tmp: str, name: str):
     """A random HF GPT-2 and the same weights loaded by rljax."""
     import torch
@@ -80,7 +90,8 @@ def bench_forward(hf, model, params, batch, seq, reps):
     mask = np.ones_like(ids)
     apply = jax.jit(lambda p, i, m: model.apply({"params": p}, i, attention_mask=m).logits)
     j_ids, j_mask = jax.numpy.asarray(ids), jax.numpy.asarray(mask)
-    j_first, j_med = timed(lambda: apply(params, j_ids, j_mask).block_until_ready(), reps)
+    compile_s = compile_time(apply, params, j_ids, j_mask)
+    _, j_med = timed(lambda: apply(params, j_ids, j_mask).block_until_ready(), reps)
     t_ids, t_mask = torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
 
     def torch_fwd():
@@ -89,7 +100,7 @@ def bench_forward(hf, model, params, batch, seq, reps):
 
     _, t_med = timed(torch_fwd, reps)
     diff = float(np.max(np.abs(np.asarray(apply(params, j_ids, j_mask)) - torch_fwd().numpy())))
-    return dict(rljax=j_med, torch=t_med, compile=max(j_first - j_med, 0.0), check=f"max |dlogits| {diff:.1e}")
+    return dict(rljax=j_med, torch=t_med, compile=compile_s, check=f"max |dlogits| {diff:.1e}")
 
 
 def bench_generate(hf, model, params, batch, prompt_len, new_tokens, reps):
@@ -103,7 +114,8 @@ def bench_generate(hf, model, params, batch, prompt_len, new_tokens, reps):
     mask = np.ones_like(ids)
     fn = make_generate_fn(model, max_new_tokens=new_tokens, do_sample=False)
     j_ids, j_mask, rng = jax.numpy.asarray(ids), jax.numpy.asarray(mask), jax.random.PRNGKey(0)
-    j_first, j_med = timed(lambda: fn(params, j_ids, j_mask, rng).sequences.block_until_ready(), reps)
+    compile_s = compile_time(fn, params, j_ids, j_mask, rng)
+    _, j_med = timed(lambda: fn(params, j_ids, j_mask, rng).sequences.block_until_ready(), reps)
     t_ids, t_mask = torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
 
     def torch_gen():
@@ -117,7 +129,7 @@ def bench_generate(hf, model, params, batch, prompt_len, new_tokens, reps):
     ours = np.asarray(fn(params, j_ids, j_mask, rng).sequences)
     theirs = torch_gen().numpy()
     same = ours.shape == theirs.shape and float(np.mean(ours == theirs))
-    return dict(rljax=j_med, torch=t_med, compile=max(j_first - j_med, 0.0), check=f"tokens equal {same:.0%}")
+    return dict(rljax=j_med, torch=t_med, compile=compile_s, check=f"tokens equal {same:.0%}")
 
 
 def main():
@@ -130,6 +142,7 @@ def main():
     import flax
 
     torch.set_num_threads(args.threads)
+    load0 = os.getloadavg()
     fwd_reps, gen_reps = (3, 2) if args.quick else (10, 5)
     new_tokens = 64
 
@@ -153,7 +166,8 @@ def main():
         f"Date {datetime.date.today()}; {platform.machine()} CPU, {args.threads} threads for both "
         f"(torch.set_num_threads, process CPU affinity); jax {jax.__version__}, flax {flax.__version__}, "
         f"torch {torch.__version__}, transformers {transformers.__version__}; float32; "
-        f"median of {fwd_reps} (forward) / {gen_reps} (generate) calls after one warm-up call."
+        f"median of {fwd_reps} (forward) / {gen_reps} (generate) calls after one warm-up call; "
+        f"load average at start {load0[0]:.1f}, at end {os.getloadavg()[0]:.1f}."
     )
     lines = [
         header,
