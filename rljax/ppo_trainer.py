@@ -112,6 +112,8 @@ class PPOTrainer:
         if lr_scheduler is not None:
             raise ValueError("Pass a schedule inside the optax optimizer (e.g. optax.adam(optax.linear_schedule(...))).")
         self.module, params = _unpack(model)
+        # The jitted step donates the state: train on copies so the caller's arrays stay valid.
+        params = _copy_tree(params)
         self.tokenizer = tokenizer
         if ref_model is not None and num_shared_layers is not None:
             warnings.warn("num_shared_layers is ignored when a ref_model is given (TRL behaviour).")
@@ -123,6 +125,7 @@ class PPOTrainer:
                 trainable = jax.tree_util.tree_map(lambda s: not s, shared_layer_mask(params, num_shared_layers))
         else:
             ref_module, ref_params = _unpack(ref_model)
+            ref_params = _copy_tree(ref_params)
             if type(ref_module) is not type(self.module):
                 raise ValueError("ref_model must be the same architecture as model (a value-head model of the same family).")
             trainable = None
@@ -185,8 +188,10 @@ class PPOTrainer:
 
         ``generation_kwargs`` take HF names: max_new_tokens, do_sample, top_k, top_p,
         temperature, min_length (-1 = off), min_new_tokens, eos_token_id, pad_token_id.
-        Returns arrays (query + response when ``return_prompt``), and with
-        ``generate_ref_response`` a second list from the reference model.
+        Returns a list of 1-D arrays (query + response when ``return_prompt``), or for a single
+        query one [1, length] array (as TRL); with ``generate_ref_response`` a second one from the
+        reference model. Generation stops at ``eos_token_id`` (default: the model config's, as
+        HF ``generate``); ``remove_padding`` cuts each response after its first eos.
         """
         from rljax.generation import generate as _generate
         from rljax.generation import strip_responses
@@ -196,6 +201,11 @@ class PPOTrainer:
         if any(q.ndim != 1 or q.size == 0 for q in queries):
             raise ValueError("Each query must be a non-empty 1-D array of token ids.")
         kw = _hf_generation_kwargs(generation_kwargs, self._pad_token_id())
+        if "eos_token_id" not in kw:  # HF generate's default: the model config's eos (else the tokenizer's)
+            eos = getattr(self.module.config, "eos_token_id", None)
+            if eos is None and self.tokenizer is not None:
+                eos = self.tokenizer.eos_token_id
+            kw["eos_token_id"] = eos
         if rng is None:
             self._gen_rng, rng = jax.random.split(self._gen_rng)
         policy_params = self.state.params
@@ -216,8 +226,8 @@ class PPOTrainer:
                 resp = strip_responses(seqs, P, kw.get("eos_token_id"), kw["pad_token_id"], remove_padding=remove_padding)
                 for q, r in zip(chunk, resp):
                     sink.append(np.concatenate([q, r]) if return_prompt else r)
-        if single:
-            outs, ref_outs = outs[0], (ref_outs[0] if ref_outs else None)
+        if single:  # TRL returns model.generate's [1, length] tensor for a single query
+            outs, ref_outs = outs[0][None, :], (ref_outs[0][None, :] if ref_outs else None)
         return (outs, ref_outs) if generate_ref_response else outs
 
     # -- the step ---------------------------------------------------------------------------
@@ -234,8 +244,12 @@ class PPOTrainer:
         for i, q in enumerate(queries):
             if np.asarray(q).ndim != 1 or np.asarray(q).size == 0:
                 raise ValueError(f"queries[{i}] is empty or not 1-D.")
-        if response_masks is not None and len(response_masks) != bs:
-            raise ValueError(f"response_masks has {len(response_masks)} entries, expected {bs}.")
+        if response_masks is not None:
+            if len(response_masks) != bs:
+                raise ValueError(f"response_masks has {len(response_masks)} entries, expected {bs}.")
+            for i, (m, r) in enumerate(zip(response_masks, responses)):
+                if np.shape(m) != np.shape(r):
+                    raise ValueError(f"response_masks[{i}] has shape {np.shape(m)}, its response {np.shape(r)}.")
         return validate_scores(scores, bs)
 
     def step(self, queries: Sequence[Any], responses: Sequence[Any], scores: Sequence[Any], response_masks=None) -> Dict[str, Any]:
@@ -266,9 +280,11 @@ class PPOTrainer:
         t_forward = time.time() - t
         t = time.time()
         self.state, stats = self._ppo_step(self.state, rollout, jnp.asarray(scores))
-        stats = jax.device_get(stats)
+        jax.block_until_ready(stats)
         t_opt = time.time() - t
-        stats = convert_to_scalar(stats_to_np(stats))
+        t = time.time()
+        stats = convert_to_scalar(stats_to_np(jax.device_get(stats)))
+        t_stats = time.time() - t
         self.kl_ctl_value = float(self.state.kl.value)
         if stats["objective/kl"] < -1.0:
             warnings.warn(
@@ -284,7 +300,12 @@ class PPOTrainer:
         if stats.get("ppo/skipped_nonfinite_scores", 0) > 0:  # unreachable through step(): validate_scores raised
             warnings.warn("Non-finite scores: the batch was skipped.")
         stats["time/ppo/forward_pass"] = t_forward
+        # Rewards and advantages are fused into the one jitted optimisation step: their time is
+        # inside optimize_step (the keys stay, so TRL dashboards keep working).
+        stats["time/ppo/compute_rewards"] = 0.0
+        stats["time/ppo/compute_advantages"] = 0.0
         stats["time/ppo/optimize_step"] = t_opt
+        stats["time/ppo/calc_stats"] = t_stats
         stats["time/ppo/total"] = time.time() - t0
         self.current_step += 1
         return stats
@@ -310,6 +331,10 @@ class PPOTrainer:
 # ==========================================================================
 # Host-side helpers
 # ==========================================================================
+
+
+def _copy_tree(tree: Any) -> Any:
+    return jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), tree)
 
 
 def _unpack(model: Any):
