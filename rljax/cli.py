@@ -358,9 +358,20 @@ def parse(command: str, argv: Sequence[str] = (), defaults: Optional[Dict[str, A
     script = cmd.script(**split["script"])
     try:
         config = config_cls(**split["config"])
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, ImportError) as e:
         raise ValueError(f"Invalid {config_cls.__name__}: {e}") from e
+    _check_sinks(getattr(config, "report_to", None) or getattr(config, "log_with", None))
     return config, script
+
+
+def _check_sinks(names) -> None:
+    """Fail before any training when report_to / log_with names a sink that is unknown or not installed."""
+    from rljax.logging import _INSTALL, available, resolve_sink_names
+
+    for name in resolve_sink_names(names):
+        if not available(name):
+            module, command = _INSTALL[name]
+            raise ValueError(f"Logging to {name} needs the {module!r} package: `{command}` (or choose another tracker).")
 
 
 _HELP_FOOTER = (

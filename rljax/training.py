@@ -286,7 +286,7 @@ class Trainer:
     def _sinks(self):
         """``rljax.logging.MetricLogger`` for the sinks ``args.report_to`` names besides the
         always-written metrics.jsonl (tensorboard, wandb, stdout); None when there are none."""
-        if self._metric_logger is None:
+        if getattr(self, "_metric_logger", None) is None:
             from rljax.logging import MetricLogger, resolve_sink_names
 
             names = [n for n in resolve_sink_names(self.args.report_to) if n != "jsonl"]
@@ -298,7 +298,7 @@ class Trainer:
 
     def close_loggers(self) -> None:
         """Flush and close the report_to sinks (train() does this at its end)."""
-        if self._metric_logger:
+        if getattr(self, "_metric_logger", None):
             self._metric_logger.close()
         self._metric_logger = None
 

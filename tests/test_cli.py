@@ -117,6 +117,19 @@ def test_invalid_config_values_are_reported_not_raised(capsys):
         cli.main(["sft", "--not_a_flag", "1"])
     with pytest.raises(SystemExit, match="unknown command 'train'"):
         cli.main(["train"])
+    with pytest.raises(ValueError, match="Unknown logging sink 'mlflow'"):
+        cli.parse("sft", ["--report_to", "mlflow"])
+
+
+def test_missing_tracker_package_fails_before_training(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("wandb", "tensorboardX") else real(name, *a))
+    with pytest.raises(ValueError, match="pip install tensorboardX"):
+        cli.parse("dpo", ["--report_to", "tensorboard"])
+    with pytest.raises(ValueError, match="pip install wandb"):
+        cli.parse("ppo", ["--log_with", "wandb"])
 
 
 def test_help_lists_fields_with_defaults_and_docs(tmp_path, capsys, monkeypatch):
