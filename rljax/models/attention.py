@@ -15,9 +15,10 @@ slots ``<= s`` whose mask is 1. Without a cache it is ``[batch, seq]``.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -137,3 +138,48 @@ def prepare_inputs(input_ids, attention_mask, position_ids, cache):
         if cache is not None:
             position_ids = jax.lax.dynamic_slice_in_dim(position_ids, cache["index"], input_ids.shape[1], 1)
     return attention_mask, position_ids
+
+
+class CausalLM(nn.Module):
+    """What every family's causal LM shares: checked inputs with default mask/positions, the
+    trunk (``trunk_cls`` named ``trunk_name``, returning ``(hidden, cache, embedding)``), then a
+    tied or untied ``lm_head``. ``__call__(input_ids [batch, seq], attention_mask=None,
+    position_ids=None, cache=None, deterministic=True) -> CausalLMOutput``."""
+
+    config: Any
+    dtype: Any = jnp.float32
+    trunk_cls: ClassVar[Any] = None
+    trunk_name: ClassVar[str] = ""
+    # Learned position embeddings (GPT-2) cannot go past max_position_embeddings; RoPE can.
+    positions_are_hard_limit: ClassVar[bool] = False
+
+    @nn.compact
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: Optional[jax.Array] = None,
+        position_ids: Optional[jax.Array] = None,
+        cache: Optional[dict] = None,
+        deterministic: bool = True,
+    ) -> CausalLMOutput:
+        attention_mask, position_ids = prepare_inputs(input_ids, attention_mask, position_ids, cache)
+        hidden, new_cache, embed = self.trunk_cls(self.config, self.dtype, name=self.trunk_name)(
+            input_ids, attention_mask, position_ids, cache, deterministic
+        )
+        if self.config.tie_word_embeddings:
+            logits = embed.attend(hidden)
+        else:
+            logits = nn.Dense(self.config.vocab_size, use_bias=False, dtype=self.dtype, name="lm_head")(hidden)
+        return CausalLMOutput(logits=logits.astype(jnp.float32), hidden_states=hidden, cache=new_cache)
+
+    def init_cache(self, batch_size: int, max_length: int, dtype=None) -> dict:
+        """An empty KV cache for ``batch_size`` rows and ``max_length`` slots."""
+        cfg = self.config
+        if self.positions_are_hard_limit and max_length > cfg.max_position_embeddings:
+            raise ValueError(
+                f"max_length {max_length} exceeds the model's {cfg.max_position_embeddings} positions; "
+                "shorten the prompt or max_new_tokens."
+            )
+        return init_cache(
+            cfg.num_hidden_layers, batch_size, max_length, cfg.num_key_value_heads, cfg.head_dim, dtype or self.dtype
+        )

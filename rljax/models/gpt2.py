@@ -16,13 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rljax.models.attention import (  # noqa: F401  (check_inputs re-exported for older imports)
-    CausalLMOutput,
-    attend,
-    check_inputs,
-    init_cache,
-    prepare_inputs,
-)
+from rljax.models.attention import CausalLM, attend
 
 ACTIVATIONS = {
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
@@ -177,41 +171,13 @@ class GPT2Model(nn.Module):
         return x, new_cache, wte
 
 
-class GPT2LMHeadModel(nn.Module):
-    """GPT-2 causal LM. ``__call__(input_ids [batch, seq], attention_mask=None, position_ids=None,
-    cache=None, deterministic=True) -> CausalLMOutput`` (see ``rljax.models.attention`` for the cache)."""
+class GPT2LMHeadModel(CausalLM):
+    """GPT-2 causal LM (see ``rljax.models.attention.CausalLM`` for the call contract and cache)."""
 
     config: GPT2Config
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(
-        self,
-        input_ids: jax.Array,
-        attention_mask: Optional[jax.Array] = None,
-        position_ids: Optional[jax.Array] = None,
-        cache: Optional[dict] = None,
-        deterministic: bool = True,
-    ) -> CausalLMOutput:
-        attention_mask, position_ids = prepare_inputs(input_ids, attention_mask, position_ids, cache)
-        hidden, new_cache, wte = GPT2Model(self.config, self.dtype, name="transformer")(
-            input_ids, attention_mask, position_ids, cache, deterministic
-        )
-        if self.config.tie_word_embeddings:
-            logits = wte.attend(hidden)
-        else:
-            logits = nn.Dense(self.config.vocab_size, use_bias=False, dtype=self.dtype, name="lm_head")(hidden)
-        return CausalLMOutput(logits=logits.astype(jnp.float32), hidden_states=hidden, cache=new_cache)
-
-    def init_cache(self, batch_size: int, max_length: int, dtype=None) -> dict:
-        """An empty KV cache for ``batch_size`` rows and ``max_length`` slots."""
-        cfg = self.config
-        if max_length > cfg.n_positions:
-            raise ValueError(
-                f"max_length {max_length} exceeds the model's n_positions {cfg.n_positions}; "
-                "shorten the prompt or max_new_tokens."
-            )
-        return init_cache(cfg.n_layer, batch_size, max_length, cfg.n_head, cfg.head_dim, dtype or self.dtype)
+    trunk_cls = GPT2Model
+    trunk_name = "transformer"
+    positions_are_hard_limit = True
 
 
 def _register() -> None:

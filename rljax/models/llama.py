@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rljax.models.attention import CausalLMOutput, attend, init_cache, prepare_inputs
+from rljax.models.attention import CausalLM, attend
 from rljax.models.gpt2 import ACTIVATIONS
 
 ARCHITECTURE_PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
@@ -343,39 +343,13 @@ class LlamaModel(nn.Module):
         return x, new_cache, embed
 
 
-class LlamaForCausalLM(nn.Module):
-    """Llama/Mistral/Qwen2 causal LM. ``__call__(input_ids [batch, seq], attention_mask=None,
-    position_ids=None, cache=None, deterministic=True) -> CausalLMOutput`` (see
-    ``rljax.models.attention`` for the cache); the same contract as ``GPT2LMHeadModel``."""
+class LlamaForCausalLM(CausalLM):
+    """Llama/Mistral/Qwen2 causal LM: the same contract as ``GPT2LMHeadModel`` (see
+    ``rljax.models.attention.CausalLM``)."""
 
     config: LlamaConfig
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(
-        self,
-        input_ids: jax.Array,
-        attention_mask: Optional[jax.Array] = None,
-        position_ids: Optional[jax.Array] = None,
-        cache: Optional[dict] = None,
-        deterministic: bool = True,
-    ) -> CausalLMOutput:
-        attention_mask, position_ids = prepare_inputs(input_ids, attention_mask, position_ids, cache)
-        hidden, new_cache, embed = LlamaModel(self.config, self.dtype, name="model")(
-            input_ids, attention_mask, position_ids, cache, deterministic
-        )
-        if self.config.tie_word_embeddings:
-            logits = embed.attend(hidden)
-        else:
-            logits = nn.Dense(self.config.vocab_size, use_bias=False, dtype=self.dtype, name="lm_head")(hidden)
-        return CausalLMOutput(logits=logits.astype(jnp.float32), hidden_states=hidden, cache=new_cache)
-
-    def init_cache(self, batch_size: int, max_length: int, dtype=None) -> dict:
-        """An empty KV cache for ``batch_size`` rows and ``max_length`` slots."""
-        cfg = self.config
-        return init_cache(
-            cfg.num_hidden_layers, batch_size, max_length, cfg.num_key_value_heads, cfg.head_dim, dtype or self.dtype
-        )
+    trunk_cls = LlamaModel
+    trunk_name = "model"
 
 
 def _register() -> None:
