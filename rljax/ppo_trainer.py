@@ -16,6 +16,7 @@ A TRL script ports by changing imports and turning tensors into arrays::
 from __future__ import annotations
 
 import math
+import os
 import re
 import time
 import warnings
@@ -140,6 +141,7 @@ class PPOTrainer:
         self.dataloader = self.prepare_dataloader(dataset, data_collator) if dataset is not None else None
         self.current_step = 0
         self.log_history: List[Dict[str, Any]] = []
+        self._logger = None
         self._gen_rng = jax.random.PRNGKey(config.seed + 1)
 
     # -- helpers ----------------------------------------------------------------------------
@@ -200,7 +202,7 @@ class PPOTrainer:
         queries = [np.asarray(query_tensor)] if single else [np.asarray(q) for q in query_tensor]
         if any(q.ndim != 1 or q.size == 0 for q in queries):
             raise ValueError("Each query must be a non-empty 1-D array of token ids.")
-        kw = _hf_generation_kwargs(generation_kwargs, self._pad_token_id())
+        kw = _hf_generation_kwargs(generation_kwargs, self._pad_token_id(), sampled_length=length_sampler is not None)
         if "eos_token_id" not in kw:  # HF generate's default: the model config's eos (else the tokenizer's)
             eos = getattr(self.module.config, "eos_token_id", None)
             if eos is None and self.tokenizer is not None:
@@ -319,7 +321,25 @@ class PPOTrainer:
         logs["env/reward_dist"] = rewards
         logs["step"] = self.current_step
         self.log_history.append(logs)
+        if self.config.log_with is not None:  # TRL's trackers: tensorboard / wandb (/ jsonl)
+            logger = self._metric_logger()
+            logger.log({**logs, "env/reward_dist": rewards}, self.current_step)
+            if all(c in batch for c in columns_to_log):
+                rows = [dict(zip(columns_to_log, vals), reward=float(r)) for *vals, r in zip(*(batch[c] for c in columns_to_log), rewards)]
+                logger.log_samples(rows, self.current_step)
         return logs
+
+    def _metric_logger(self):
+        if self._logger is None:
+            from rljax.logging import MetricLogger
+
+            c = self.config
+            logdir = c.project_kwargs.get("logging_dir") or os.path.join("runs", c.exp_name or "ppo")
+            self._logger = MetricLogger(
+                [c.log_with], logdir, config=c.to_dict(), project_name=c.tracker_project_name,
+                tracker_kwargs=c.tracker_kwargs,
+            )
+        return self._logger
 
     def save_pretrained(self, path: str, *, overwrite: bool = False) -> None:
         """Save the policy (with value head) in HF format."""
@@ -353,14 +373,14 @@ def _collate_columns(examples: List[Dict[str, Any]]) -> Dict[str, list]:
 _GEN_KEYS = {"max_new_tokens", "do_sample", "top_k", "top_p", "temperature", "min_length", "min_new_tokens", "eos_token_id", "pad_token_id", "max_length"}
 
 
-def _hf_generation_kwargs(kwargs: Dict[str, Any], default_pad: int) -> Dict[str, Any]:
+def _hf_generation_kwargs(kwargs: Dict[str, Any], default_pad: int, sampled_length: bool = False) -> Dict[str, Any]:
     unknown = sorted(set(kwargs) - _GEN_KEYS)
     if unknown:
         raise ValueError(f"Unsupported generation kwargs {unknown}; supported: {sorted(_GEN_KEYS)}.")
     kw = dict(kwargs)
     if "max_length" in kw:
         raise ValueError("Use max_new_tokens instead of max_length (static shapes need the number of new tokens).")
-    if "max_new_tokens" not in kw:
+    if "max_new_tokens" not in kw and not sampled_length:
         raise ValueError("generation needs max_new_tokens (TRL examples use e.g. max_new_tokens=32).")
     min_length = kw.pop("min_length", -1)
     if min_length is not None and min_length > 0 and "min_new_tokens" not in kw:

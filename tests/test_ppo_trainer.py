@@ -329,3 +329,25 @@ def test_save_pretrained_loads_in_transformers_with_identical_logits(trainer, to
     np.testing.assert_allclose(np.asarray(out.logits), want, atol=1e-4, rtol=1e-4)
     reloaded = AutoModelForCausalLMWithValueHead.from_pretrained(str(tmp_path))
     np.testing.assert_equal(snapshot(reloaded.params), snapshot(trainer.state.params))
+
+
+def test_log_stats_writes_to_the_configured_tracker(model, tokenizer, tmp_path):
+    config = make_config(log_with="jsonl", project_kwargs={"logging_dir": str(tmp_path)})
+    tr = PPOTrainer(config, model, tokenizer=tokenizer)
+    stats = tr.step(*batch(tokenizer, seed=8))
+    rewards = [1.0, 2.0, 3.0, 4.0]
+    tr.log_stats(stats, {"query": ["q"] * BATCH, "response": ["r"] * BATCH}, rewards)
+    tr._metric_logger().close()
+    import json
+
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["env/reward_mean"] == pytest.approx(2.5)
+    assert rows[-1]["objective/kl"] == pytest.approx(stats["objective/kl"])
+    samples = (tmp_path / "samples.jsonl").read_text()
+    assert '"query"' in samples and '"reward"' in samples
+
+
+def test_generate_with_only_a_length_sampler(gen_trainer, tokenizer):
+    queries = [np.asarray(tokenizer("the movie").input_ids)] * 2
+    out = gen_trainer.generate(queries, length_sampler=lambda: 3, return_prompt=False, do_sample=False, remove_padding=False)
+    assert [len(r) for r in out] == [3, 3]
