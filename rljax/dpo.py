@@ -250,6 +250,7 @@ class DPOTrainer(Trainer):
         precompute_ref_log_probs: Optional[bool] = None,
         reference_free: Optional[bool] = None,
         params: Any = None,
+        mesh: Any = None,
         ref_params: Any = None,
         dataset_num_proc: Optional[int] = None,  # accepted for TRL compatibility; tokenization is sequential
         model_init_kwargs: Optional[dict] = None,  # accepted; from_pretrained takes no extra options
@@ -305,7 +306,7 @@ class DPOTrainer(Trainer):
             ref_module, ref_params = resolve_model(ref_model, ref_params)
         else:  # create_reference_model semantics: the initial policy, frozen (jax arrays are immutable)
             ref_module, ref_params = module, (ref_params if ref_params is not None else params)
-        super().__init__(module, params, args, None, None)
+        super().__init__(module, params, args, None, None, mesh=mesh)
         self.tokenizer = tokenizer
         self.ref_model = ref_module
         self.ref_params = ref_params

@@ -49,7 +49,6 @@ from rljax.training import (
     make_eval_step,
     make_optimizer,
     make_schedule,
-    make_train_step,
     resolve_model,
 )
 from rljax.train_state import TrainState
@@ -133,6 +132,7 @@ class IterativeSFTTrainer(Trainer):
         compute_metrics: Optional[Callable] = None,
         optimize_device_cache: bool = False,
         params: Any = None,
+        mesh: Any = None,
         pad_to_multiple_of: Optional[int] = None,
     ):
         if optimizers is not None and any(o is not None for o in optimizers):
@@ -156,7 +156,7 @@ class IterativeSFTTrainer(Trainer):
         self.pad_token_id = D.ensure_pad_token(tokenizer)
         args = args if args is not None else TrainingArguments()
         module, params = resolve_model(model, params)
-        super().__init__(module, params, args, None, eval_dataset)
+        super().__init__(module, params, args, None, eval_dataset, mesh=mesh)
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.truncation_mode = truncation_mode
@@ -286,7 +286,7 @@ class IterativeSFTTrainer(Trainer):
         if self.state is None:
             self.state = self.create_state()
         if self._train_step is None:
-            self._train_step = make_train_step(self.loss_fn, accum)
+            self._train_step = self._build_train_step()  # shards state and step when a mesh is set
         order = np.random.default_rng([args.seed, self._num_step_calls]).permutation(len(rows))
         self._num_step_calls += 1
         metrics, num_tokens = [], 0
@@ -295,7 +295,7 @@ class IterativeSFTTrainer(Trainer):
             tokens = sum(_count(r) for r in mb)
             num_tokens += tokens
             batch = self._collate(mb, size, accum, tokens)
-            self.state, m = self._train_step(self.state, batch)
+            self.state, m = self._train_step(self.state, self._place_batch(batch))
             metrics.append(m)
         metrics = jax.device_get(metrics)
         step = int(self.state.step)

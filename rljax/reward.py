@@ -190,6 +190,7 @@ class RewardTrainer(Trainer):
         eval_dataset: Any = None,
         tokenizer: Any = None,
         params: Any = None,
+        mesh: Any = None,
         max_length: Optional[int] = None,
         model_init: Any = None,
         compute_metrics: Optional[Callable] = None,
@@ -225,7 +226,7 @@ class RewardTrainer(Trainer):
             if ds is not None:
                 _check_columns(ds, which)
         module, params = as_score_model(model, params, seed=args.seed)
-        super().__init__(module, params, args, train_dataset, eval_dataset)
+        super().__init__(module, params, args, train_dataset, eval_dataset, mesh=mesh)
         self.tokenizer = tokenizer
         self.data_collator = data_collator
         self.loss_fn = make_reward_loss(module)

@@ -76,6 +76,7 @@ class SFTTrainer(Trainer):
         tokenizer: Any = None,
         formatting_func: Optional[Callable] = None,
         params: Any = None,
+        mesh: Any = None,
         **kwargs: Any,
     ):
         args = args if args is not None else SFTConfig()
@@ -93,7 +94,7 @@ class SFTTrainer(Trainer):
         if tokenizer.pad_token_id is None:  # TRL: silently pad with eos
             D.ensure_pad_token(tokenizer, set_to_eos=True)
         module, params = resolve_model(model, params)
-        super().__init__(module, params, args, None, None)
+        super().__init__(module, params, args, None, None, mesh=mesh)
         self.tokenizer = tokenizer
         if args.max_seq_length is None:
             args.max_seq_length = min(getattr(tokenizer, "model_max_length", 1024) or 1024, 1024)

@@ -231,8 +231,9 @@ class Trainer:
     ``self.collate`` (list of examples -> dict of numpy arrays), and implement ``_save``.
     """
 
-    def __init__(self, model: Any, params: Any, args: TrainingArguments, train_dataset=None, eval_dataset=None):
+    def __init__(self, model: Any, params: Any, args: TrainingArguments, train_dataset=None, eval_dataset=None, mesh=None):
         self.model = model
+        self.mesh = mesh  # a jax.sharding.Mesh (rljax.sharding.make_mesh): shard state and batches on it
         self.args = args
         self.train_dataset = train_dataset
         self.eval_dataset = eval_dataset
@@ -330,7 +331,7 @@ class Trainer:
         else:
             prepare_output_dir(args.output_dir, args.overwrite_output_dir)
         self.state = self.create_state()
-        self._train_step = make_train_step(self.loss_fn, args.gradient_accumulation_steps)
+        self._train_step = self._build_train_step()
         total = self.num_training_steps()
         batches = BatchIterator(
             self.train_dataset, args.train_batch_size, seed=args.seed, shuffle=True, drop_last=True,
@@ -345,7 +346,7 @@ class Trainer:
         pbar = tqdm(total=total, initial=start, desc=type(self).__name__, disable=args.disable_tqdm)
         for step in range(start + 1, total + 1):
             epoch = batches.epoch
-            self.state, metrics = self._train_step(self.state, next(batches))
+            self.state, metrics = self._train_step(self.state, self._place_batch(next(batches)))
             running.append(metrics)
             pbar.update(1)
             if step % args.logging_steps == 0 or (args.logging_first_step and step == 1) or step == total:
@@ -370,6 +371,33 @@ class Trainer:
         out = dict(self.log_history[-1]) if self.log_history else {}
         out["train_runtime"] = time.time() - t0
         return out
+
+    def _build_train_step(self) -> Callable:
+        """The jitted train step; with ``self.mesh`` the state is sharded by the model family's
+        partition rules, batches on (data, fsdp), and the step is jitted with those shardings."""
+        step = make_train_step(self.loss_fn, self.args.gradient_accumulation_steps)
+        if self.mesh is None:
+            return step
+        from rljax.sharding import batch_size_divisor, batch_sharding, jit_sharded, replicated, shard_state, state_shardings
+
+        if self.args.per_device_train_batch_size % batch_size_divisor(self.mesh):
+            raise ValueError(
+                f"per_device_train_batch_size={self.args.per_device_train_batch_size} must be a multiple of the mesh's "
+                f"data x fsdp size ({batch_size_divisor(self.mesh)}) to shard batches."
+            )
+        self.state = shard_state(self.state, self.mesh)
+        shardings = state_shardings(self.state, self.mesh)
+        return jit_sharded(
+            step, self.mesh, in_shardings=(shardings, batch_sharding(self.mesh)),
+            out_shardings=(shardings, replicated(self.mesh)), donate_argnums=(0,),
+        )
+
+    def _place_batch(self, batch: Dict[str, np.ndarray]):
+        if self.mesh is None:
+            return batch
+        from rljax.sharding import shard_batch
+
+        return shard_batch(batch, self.mesh)
 
     def evaluate(self, eval_dataset=None, metric_key_prefix: str = "eval") -> Dict[str, float]:
         """Mean of the loss function's metrics over ``eval_dataset`` (keys prefixed ``eval_``)."""

@@ -369,3 +369,37 @@ def test_dpo_step_on_mesh_matches_one_device():
     new, m = step(sstate, S.shard_batch(batch, mesh))
     assert _max_diff(new.params, ref_state.params) < ATOL
     assert _max_diff(m, ref_m) < 1e-4
+
+
+# --------------------------------------------------------------------------
+# Trainer shells take a mesh
+# --------------------------------------------------------------------------
+
+
+def test_sft_trainer_on_a_mesh_matches_one_device_and_shards_its_state(tiny_tokenizer, tmp_path):
+    from rljax.models import init_params, model_from_config
+    from rljax.models.gpt2 import GPT2Config
+    from rljax.sft import SFTConfig, SFTTrainer
+
+    cfg = GPT2Config(vocab_size=len(tiny_tokenizer), n_positions=32, n_embd=32, n_layer=2, n_head=4,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    module = model_from_config(cfg)
+    params = init_params(module, jax.random.PRNGKey(0))
+    data = [{"text": t} for t in ["the movie was great", "the film was bad", "a happy day", "a sad night"] * 4]
+
+    def run(mesh, out):
+        args = SFTConfig(output_dir=str(out), per_device_train_batch_size=8, max_steps=3, logging_steps=1,
+                         dataset_text_field="text", max_seq_length=16, disable_tqdm=True, learning_rate=1e-3,
+                         adam_epsilon=1e-6, save_strategy="no")
+        trainer = SFTTrainer((module, params), args, train_dataset=data, tokenizer=tiny_tokenizer, mesh=mesh)
+        trainer.train()
+        return trainer
+
+    base = run(None, tmp_path / "one")
+    sharded = run(S.make_mesh(data=2, fsdp=4, model=1), tmp_path / "mesh")
+    losses = lambda t: [r["loss"] for r in t.log_history if "loss" in r]  # noqa: E731
+    np.testing.assert_allclose(losses(sharded), losses(base), rtol=1e-5)
+    kernel = sharded.state.params["transformer"]["h_0"]["mlp"]["c_fc"]["kernel"]
+    assert "fsdp" in str(kernel.sharding.spec)
+    assert kernel.addressable_shards[0].data.shape != kernel.shape  # really split across devices
+    np.testing.assert_allclose(np.asarray(kernel), np.asarray(base.state.params["transformer"]["h_0"]["mlp"]["c_fc"]["kernel"]), atol=1e-5)
