@@ -106,6 +106,7 @@ class PPOTrainer:
         data_collator: Optional[Callable] = None,
         num_shared_layers: Optional[int] = None,
         lr_scheduler: Any = None,
+        mesh: Any = None,
     ):
         self.config = config = config if config is not None else PPOConfig()
         if model is None:
@@ -134,8 +135,12 @@ class PPOTrainer:
         tx = optimizer if optimizer is not None else make_ppo_optimizer(config, trainable)
         self.state = PPOTrainState.create(params, ref_params, config, tx=tx)
         self.kl_ctl_value = float(config.init_kl_coef)
-        self._forward = jax.jit(self._forward_fn())
-        self._ppo_step = jax.jit(make_ppo_step(self.module, config), donate_argnums=(0,))
+        self.mesh = mesh
+        if mesh is None:
+            self._forward = jax.jit(self._forward_fn())
+            self._ppo_step = jax.jit(make_ppo_step(self.module, config), donate_argnums=(0,))
+        else:
+            self._jit_on_mesh(mesh)
         self.dataset = dataset
         self.data_collator = data_collator
         self.dataloader = self.prepare_dataloader(dataset, data_collator) if dataset is not None else None
@@ -154,6 +159,27 @@ class PPOTrainer:
             return forward(params, ref, queries, qmask, responses, rmask)
 
         return fn
+
+    def _jit_on_mesh(self, mesh) -> None:
+        """Shard the state by the family's rules (params, reference, Adam moments) and jit the
+        forward pass and ``ppo_step`` with batch-sharded rollouts (rows on data x fsdp)."""
+        from rljax.sharding import batch_size_divisor, batch_sharding, jit_sharded, replicated, shard_state, state_shardings
+
+        if self.config.mini_batch_size % batch_size_divisor(mesh):
+            raise ValueError(
+                f"mini_batch_size={self.config.mini_batch_size} must be a multiple of the mesh's data x fsdp size "
+                f"({batch_size_divisor(mesh)})."
+            )
+        self.state = shard_state(self.state, mesh)
+        sh = state_shardings(self.state, mesh)
+        rows = batch_sharding(mesh)
+        self._forward = jit_sharded(
+            self._forward_fn(), mesh, in_shardings=(sh.params, sh.ref_params, rows, rows, rows, rows), out_shardings=rows
+        )
+        self._ppo_step = jit_sharded(
+            make_ppo_step(self.module, self.config), mesh, in_shardings=(sh, rows, rows),
+            out_shardings=(sh, replicated(mesh)), donate_argnums=(0,),
+        )
 
     @property
     def params(self):

@@ -403,3 +403,34 @@ def test_sft_trainer_on_a_mesh_matches_one_device_and_shards_its_state(tiny_toke
     assert "fsdp" in str(kernel.sharding.spec)
     assert kernel.addressable_shards[0].data.shape != kernel.shape  # really split across devices
     np.testing.assert_allclose(np.asarray(kernel), np.asarray(base.state.params["transformer"]["h_0"]["mlp"]["c_fc"]["kernel"]), atol=1e-5)
+
+
+def test_ppo_trainer_on_a_mesh_matches_one_device(tiny_tokenizer):
+    from rljax.models import init_params, model_from_config
+    from rljax.models.gpt2 import GPT2Config
+    from rljax.models.heads import AutoModelForCausalLMWithValueHead
+    from rljax.ppo import PPOConfig
+    from rljax.ppo_trainer import PPOTrainer
+
+    cfg = GPT2Config(vocab_size=len(tiny_tokenizer), n_positions=32, n_embd=32, n_layer=2, n_head=4,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    lm = model_from_config(cfg)
+    model = AutoModelForCausalLMWithValueHead.from_lm(lm, init_params(lm, jax.random.PRNGKey(0)), summary_dropout_prob=0.0)
+    rng = np.random.RandomState(0)
+    queries = [rng.randint(3, 100, n) for n in (3, 5, 2, 4, 6, 3, 2, 5)]
+    responses = [rng.randint(3, 100, n) for n in (4, 2, 6, 3, 5, 2, 4, 3)]
+    scores = rng.randn(8).astype(np.float32)
+
+    def run(mesh):
+        config = PPOConfig(batch_size=8, mini_batch_size=4, ppo_epochs=2, learning_rate=1e-3)
+        trainer = PPOTrainer(config, model, tokenizer=tiny_tokenizer, optimizer=optax.adam(1e-3, eps=1e-6), mesh=mesh)
+        return trainer, trainer.step(queries, responses, scores)
+
+    base, base_stats = run(None)
+    sharded, stats = run(S.make_mesh(2, 2, 2))
+    for key in ("objective/kl", "ppo/loss/total", "ppo/policy/approxkl", "ppo/val/error", "ppo/returns/mean"):
+        np.testing.assert_allclose(stats[key], base_stats[key], rtol=1e-4, atol=1e-6, err_msg=key)
+    kernel = sharded.state.params["transformer"]["h_0"]["mlp"]["c_fc"]["kernel"]
+    assert kernel.addressable_shards[0].data.shape != kernel.shape
+    # 4 Adam updates (lr 1e-3) amplify reduction-order rounding: params agree to 5e-5
+    np.testing.assert_allclose(np.asarray(kernel), np.asarray(base.state.params["transformer"]["h_0"]["mlp"]["c_fc"]["kernel"]), atol=5e-5)
