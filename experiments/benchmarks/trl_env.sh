@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Create the separate venv that runs TRL 0.7.11 itself (for bench_ppo.py).
+#
+#   bash experiments/benchmarks/trl_env.sh [VENV_DIR]   (default /work/trl-venv)
+#
+# TRL 0.7.11 imports `top_k_top_p_filtering` from transformers, which 4.39 removed,
+# so transformers is pinned to 4.38.2. torch 2.13.0 exactly: it installs from a
+# local CPU wheel (any other version pulls a multi-GB CUDA build). The rest is what
+# pip resolved on 2026-11-25 and bench_ppo.py ran with (PPOTrainer generate + step):
+# accelerate 1.15.0, numpy 2.4.6, datasets 5.0.1, tokenizers 0.15.2,
+# huggingface_hub 0.36.2, safetensors 0.8.0, tyro 1.0.17; accelerate is pinned.
+set -euo pipefail
+VENV="${1:-/work/trl-venv}"
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+fi
+"$VENV/bin/python" -m pip install --quiet --upgrade pip
+"$VENV/bin/python" -m pip install --quiet \
+  "trl==0.7.11" "transformers==4.38.2" "accelerate==1.15.0" "torch==2.13.0" safetensors
+"$VENV/bin/python" - <<'PY'
+import torch, transformers, trl, accelerate
+print("trl", trl.__version__, "transformers", transformers.__version__,
+      "torch", torch.__version__, "accelerate", accelerate.__version__)
+PY
