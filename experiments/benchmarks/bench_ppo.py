@@ -207,10 +207,8 @@ def run_side(python: str, side: str, model_dir: str, n: int, threads: int) -> di
     cmd = [python, os.path.abspath(__file__), "--worker", side, "--model-dir", model_dir, "--n", str(n),
            "--threads", str(threads)]
     print(f"[{side}] {' '.join(cmd)}", file=sys.stderr, flush=True)
-    cpus = sorted(os.sched_getaffinity(0))[:threads]  # XLA sizes its thread pool from the usable CPUs
     proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True,
-                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                          preexec_fn=lambda: os.sched_setaffinity(0, cpus))
+                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     if proc.returncode:
         raise SystemExit(f"{side} worker failed with exit code {proc.returncode}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -218,6 +216,8 @@ def run_side(python: str, side: str, model_dir: str, n: int, threads: int) -> di
 
 def main():
     args = parse_args()
+    if args.worker:  # pin before jax / torch start their thread pools (XLA sizes its pool from the usable CPUs)
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.threads])
     if args.worker == "rljax":
         print(json.dumps(rljax_worker(args.model_dir, args.n)))
         return
