@@ -109,7 +109,7 @@ class Args:
 
 def budget(args: Args) -> Dict[str, int]:
     if args.fast:
-        b = dict(n_reviews=1200, n_pairs=800, sft_steps=150, rm_steps=120, ppo_steps=16, dpo_steps=60)
+        b = dict(n_reviews=1200, n_pairs=800, sft_steps=150, rm_steps=120, ppo_steps=60, dpo_steps=60)
     else:
         b = dict(n_reviews=4000, n_pairs=2000, sft_steps=500, rm_steps=300, ppo_steps=60, dpo_steps=200)
     if args.ppo_steps is not None:
@@ -225,10 +225,13 @@ def phase_ppo(args, b, tokenizer, module, sft_params, score_module, rm_params, j
 
     policy = AutoModelForCausalLMWithValueHead.from_lm(module, sft_params, summary_dropout_prob=0.0, rng=jax.random.PRNGKey(args.seed + 2))
     config = PPOConfig(
-        batch_size=64, mini_batch_size=16, ppo_epochs=4, learning_rate=3e-4, init_kl_coef=0.1, target=6.0,
+        batch_size=64, mini_batch_size=16, ppo_epochs=4, learning_rate=3e-4, init_kl_coef=0.2, target=6.0,
         horizon=10000, seed=args.seed, adap_kl_ctrl=True,
     )
-    gen_kwargs = dict(max_new_tokens=12, do_sample=True, top_k=0, top_p=1.0, eos_token_id=tokenizer.eos_token_id,
+    # min_new_tokens: without it, 60 steps find a reward hack (eos right after the prompt
+    # scores high with this small reward model: RM 5.2, VADER 0.0); the KL penalty alone
+    # at init_kl_coef 0.1 did not stop it.
+    gen_kwargs = dict(max_new_tokens=12, min_new_tokens=3, do_sample=True, top_k=0, top_p=1.0, eos_token_id=tokenizer.eos_token_id,
                       pad_token_id=tokenizer.pad_token_id)
     generate_fn = make_generate_fn(policy.module, jit=False, **gen_kwargs)
     eval_gen = make_generate_fn(policy.module, **gen_kwargs)

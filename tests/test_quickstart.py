@@ -20,7 +20,12 @@ def test_quickstart_fast_learns_end_to_end(tmp_path):
     # each phase measurably learns
     assert summary["sft/eval_loss"] < 0.5 * summary["sft/eval_loss_before"]
     assert summary["rm/accuracy"] >= 0.85
-    assert summary["ppo/reward_after"] > summary["ppo/reward_before"] + 0.3
+    # --fast (RM trained 120 steps; its scores on reviews have std ~2.4) moves the held-out RM
+    # score by ~0.3 and VADER by ~0.45; the full README run moves the RM score by ~3.4. The
+    # training curve must agree with the held-out numbers (last 10 steps vs first 10).
+    assert summary["ppo/reward_after"] > summary["ppo/reward_before"] + 0.25
+    curve = [json.loads(line)["env/reward_mean"] for line in (out / "ppo_metrics.jsonl").read_text().splitlines()]
+    assert sum(curve[-10:]) / 10 > sum(curve[:10]) / 10 + 0.2
     assert summary["ppo/vader_after"] > summary["ppo/vader_before"] + 0.3  # the held-out judge agrees
     assert summary["ppo/kl"] < 30.0
     assert summary["dpo/rewards_accuracy"] > summary["dpo/rewards_accuracy_before"]
