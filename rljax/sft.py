@@ -119,11 +119,6 @@ class SFTTrainer(Trainer):
                 formatting_func=formatting_func, num_of_sequences=a.num_of_sequences, chars_per_token=a.chars_per_token,
                 append_concat_token=a.append_concat_token, add_special_tokens=a.add_special_tokens, seed=a.seed,
             )
-            if len(packed["input_ids"]) == 0:
-                raise ValueError(
-                    f"Packing produced no sequence of max_seq_length={a.max_seq_length}: the dataset is too small; "
-                    "lower max_seq_length or set packing=False."
-                )
             return [{"input_ids": x, "labels": y} for x, y in zip(packed["input_ids"], packed["labels"])]
         return D.tokenize_sft_dataset(
             dataset, self.tokenizer, dataset_text_field=a.dataset_text_field, formatting_func=formatting_func,
