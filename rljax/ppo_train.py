@@ -25,6 +25,7 @@ right-padded layout, and every TRL quantity on masked positions is unchanged
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import chex
@@ -100,15 +101,20 @@ class PPOTrainState:
 def make_ppo_optimizer(config: PPOConfig, trainable: Optional[Any] = None) -> optax.GradientTransformation:
     """TRL's default: Adam(lr=learning_rate) (torch defaults), grad-norm clipping at
     ``max_grad_norm`` when set. ``trainable``: optional bool pytree (False = frozen)."""
-    parts = []
-    if config.max_grad_norm is not None:
-        parts.append(optax.clip_by_global_norm(config.max_grad_norm))
-    parts.append(optax.adam(config.learning_rate, b1=0.9, b2=0.999, eps=1e-8))
-    tx = optax.chain(*parts)
+    tx = _adam_with_clipping(float(config.learning_rate), config.max_grad_norm)
     if trainable is not None:
         labels = jax.tree_util.tree_map(lambda t: "train" if t else "frozen", trainable)
         tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
     return tx
+
+
+@functools.lru_cache(maxsize=32)
+def _adam_with_clipping(learning_rate: float, max_grad_norm: Optional[float]) -> optax.GradientTransformation:
+    """One optax object per setting: the optimizer is a static field of the state, so equal
+    configs must give an EQUAL transformation or every new state recompiles ppo_step."""
+    parts = [] if max_grad_norm is None else [optax.clip_by_global_norm(max_grad_norm)]
+    parts.append(optax.adam(learning_rate, b1=0.9, b2=0.999, eps=1e-8))
+    return optax.chain(*parts)
 
 
 # ==========================================================================

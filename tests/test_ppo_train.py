@@ -642,3 +642,11 @@ def test_make_train_learns_a_token_counting_reward_for_two_seeds_at_once():
     assert not np.array_equal(reward[0], reward[1])  # the seeds really differ
     assert np.all(np.asarray(final.step) == 12)
     assert np.all(np.asarray(stats["objective/kl_coef"])[:, -1] < 0.2)  # adaptive: KL below target 6 early on
+
+
+def test_equal_configs_share_the_default_optimizer_so_ppo_step_compiles_once():
+    from rljax.ppo_train import make_ppo_optimizer
+
+    a, b = PPOConfig(learning_rate=1e-4), PPOConfig(learning_rate=1e-4, seed=3)
+    assert make_ppo_optimizer(a) is make_ppo_optimizer(b)
+    assert make_ppo_optimizer(a) is not make_ppo_optimizer(PPOConfig(learning_rate=2e-4))
