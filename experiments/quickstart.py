@@ -162,8 +162,8 @@ def phase_reward(args, b, tokenizer, module, sft_params, pairs):
     from rljax.data import tokenize_preference_dataset
 
     score_module = SequenceScoreModel(module.config, num_labels=1)
-    params = {**{k: v for k, v in sft_params.items()}, **init_score(score_module, jax.random.PRNGKey(args.seed + 1))}
-    params = {k: v for k, v in params.items() if k in ("transformer", "model", "score")}
+    trunk = {k: v for k, v in sft_params.items() if k in ("transformer", "model")}  # no lm_head
+    params = {**trunk, **init_score(score_module, jax.random.PRNGKey(args.seed + 1))}
     data = tokenize_preference_dataset(pairs, tokenizer, max_length=32)
     n_eval = 200
     train, held_out = data.select(range(n_eval, len(data))), data.select(range(n_eval))
@@ -201,7 +201,11 @@ def _decode_samples(tokenizer, prompts, prompt_mask, gen) -> List[str]:
     return out
 
 
-def evaluate_policy(module, params, score_fn, tokenizer, gen_fn, judge, prompts, prompt_mask, rng):
+def vader_mean(judge, texts: Sequence[str]) -> float:
+    return float(np.mean([judge(t) for t in texts]))
+
+
+def evaluate_policy(params, score_fn, tokenizer, gen_fn, judge, prompts, prompt_mask, rng):
     """Mean reward-model score and VADER score of sampled completions; returns (metrics, texts)."""
     import jax.numpy as jnp
 
@@ -209,8 +213,7 @@ def evaluate_policy(module, params, score_fn, tokenizer, gen_fn, judge, prompts,
     mask = jnp.concatenate([prompt_mask, gen.response_mask], axis=1)
     rewards = np.asarray(score_fn(gen.sequences, mask))
     texts = _decode_samples(tokenizer, prompts, prompt_mask, gen)
-    vader = np.array([judge(t) for t in texts])
-    return {"reward": float(rewards.mean()), "vader": float(vader.mean())}, texts
+    return {"reward": float(rewards.mean()), "vader": vader_mean(judge, texts)}, texts
 
 
 def phase_ppo(args, b, tokenizer, module, sft_params, score_module, rm_params, judge):
@@ -246,8 +249,9 @@ def phase_ppo(args, b, tokenizer, module, sft_params, score_module, rm_params, j
 
     prompts, prompt_mask = _prompt_bank(tokenizer)
     eval_prompts, eval_mask = _prompt_bank(tokenizer, n_repeat=8)
-    state = PPOTrainState.create(policy.params, sft_params_with_head(policy.params), config)
-    before, samples_before = evaluate_policy(policy.module, state.params, score_fn, tokenizer, eval_gen, judge, eval_prompts, eval_mask, jax.random.PRNGKey(123))
+    # reference: the initial policy, i.e. the SFT model (its value head is unused by the reference)
+    state = PPOTrainState.create(policy.params, policy.params, config)
+    before, samples_before = evaluate_policy(state.params, score_fn, tokenizer, eval_gen, judge, eval_prompts, eval_mask, jax.random.PRNGKey(123))
     chunk = 4
     train_chunk = jax.jit(make_train(policy.module, config, generate_fn, reward_fn, jnp.asarray(prompts), jnp.asarray(prompt_mask), chunk))
     history: Dict[str, List[float]] = {}
@@ -261,7 +265,7 @@ def phase_ppo(args, b, tokenizer, module, sft_params, score_module, rm_params, j
             pbar.update(chunk)
             pbar.set_postfix(reward=f"{history['env/reward_mean'][-1]:.3f}", kl=f"{history['objective/kl'][-1]:.3f}")
     ppo_time = time.time() - t0
-    after, samples_after = evaluate_policy(policy.module, state.params, score_fn, tokenizer, eval_gen, judge, eval_prompts, eval_mask, jax.random.PRNGKey(123))
+    after, samples_after = evaluate_policy(state.params, score_fn, tokenizer, eval_gen, judge, eval_prompts, eval_mask, jax.random.PRNGKey(123))
     with open(os.path.join(args.output_dir, "ppo_metrics.jsonl"), "w") as f:
         for i in range(len(history["env/reward_mean"])):
             f.write(json.dumps({"step": i + 1, **{k: v[i] for k, v in history.items()}}) + "\n")
@@ -276,15 +280,7 @@ def phase_ppo(args, b, tokenizer, module, sft_params, score_module, rm_params, j
     return summary, history, samples_before, samples_after
 
 
-def sft_params_with_head(params):
-    """Reference params: the SFT policy, frozen (a copy; the value head is unused by the reference)."""
-    import jax
-    import jax.numpy as jnp
-
-    return jax.tree_util.tree_map(jnp.array, params)
-
-
-def phase_dpo(args, b, tokenizer, module, sft_params, pairs, score_fn_args, judge):
+def phase_dpo(args, b, tokenizer, module, sft_params, pairs):
     from rljax.dpo import DPOConfig, DPOTrainer
 
     n_eval = 200
@@ -382,15 +378,15 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
     print(f"[rm] accuracy {rm['rm/accuracy_before']:.3f} -> {rm['rm/accuracy']:.3f}")
     ppo, history, samples_before, samples_after = phase_ppo(args, b, tokenizer, module, sft_params, score_module, rm_params, judge)
     summary.update(ppo)
-    dpo_params, dpo, dpo_log = phase_dpo(args, b, tokenizer, module, sft_params, pairs, None, judge)
+    dpo_params, dpo, dpo_log = phase_dpo(args, b, tokenizer, module, sft_params, pairs)
     summary.update(dpo)
     # VADER of DPO samples, same prompts and key as PPO's evaluation
     gen = make_generate_fn(module, max_new_tokens=12, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     prompts, prompt_mask = _prompt_bank(tokenizer, n_repeat=8)
     texts_dpo_before = _decode_samples(tokenizer, prompts, prompt_mask, gen(sft_params, prompts, prompt_mask, jax.random.PRNGKey(123)))
     texts_dpo = _decode_samples(tokenizer, prompts, prompt_mask, gen(dpo_params, prompts, prompt_mask, jax.random.PRNGKey(123)))
-    summary["dpo/vader_before"] = float(np.mean([judge(t) for t in texts_dpo_before]))
-    summary["dpo/vader_after"] = float(np.mean([judge(t) for t in texts_dpo]))
+    summary["dpo/vader_before"] = vader_mean(judge, texts_dpo_before)
+    summary["dpo/vader_after"] = vader_mean(judge, texts_dpo)
     summary["total_seconds"] = time.time() - t_start
 
     with open(os.path.join(args.output_dir, "samples.md"), "w") as f:
