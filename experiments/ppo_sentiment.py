@@ -70,7 +70,7 @@ def run_offline(args: Args) -> dict:
     from rljax.logging import MetricLogger
     from rljax.models.heads import AutoModelForCausalLMWithValueHead
     from rljax.ppo import PPOConfig
-    from rljax.ppo_trainer import PPOTrainer
+    from rljax.trainers.ppo import PPOTrainer
 
     assets = offline_assets()
     policy_dir = sft_checkpoint()

@@ -127,7 +127,7 @@ def phase_sft(args, b, tokenizer, reviews):
 
     from rljax.models import init_params, model_from_config
     from rljax.models.gpt2 import GPT2Config
-    from rljax.sft import SFTConfig, SFTTrainer
+    from rljax.trainers.sft import SFTConfig, SFTTrainer
 
     cfg = GPT2Config(
         vocab_size=len(tokenizer), n_positions=64, n_embd=64, n_layer=2, n_head=4,
@@ -158,7 +158,7 @@ def phase_reward(args, b, tokenizer, module, sft_params, pairs):
     import jax
 
     from rljax.models.heads import SequenceScoreModel, init_score
-    from rljax.reward import RewardConfig, RewardTrainer
+    from rljax.trainers.reward import RewardConfig, RewardTrainer
     from rljax.data import tokenize_preference_dataset
 
     score_module = SequenceScoreModel(module.config, num_labels=1)
@@ -281,7 +281,7 @@ def phase_ppo(args, b, tokenizer, module, sft_params, score_module, rm_params, j
 
 
 def phase_dpo(args, b, tokenizer, module, sft_params, pairs):
-    from rljax.dpo import DPOConfig, DPOTrainer
+    from rljax.trainers.dpo import DPOConfig, DPOTrainer
 
     n_eval = 200
     dpo_args = DPOConfig(
@@ -421,7 +421,7 @@ def run_online(args: Args) -> Dict[str, float]:
     from rljax.core import LengthSampler
     from rljax.models.heads import AutoModelForCausalLMWithValueHead
     from rljax.ppo import PPOConfig
-    from rljax.ppo_trainer import PPOTrainer
+    from rljax.trainers.ppo import PPOTrainer
 
     os.makedirs(args.output_dir, exist_ok=True)
     config = PPOConfig(model_name=args.model_name_or_path, learning_rate=1.41e-5, batch_size=32 if args.fast else 128,

@@ -11,17 +11,17 @@ __version__ = "0.1.0"
 _LAZY = {
     # name -> module that defines it
     "PPOConfig": "rljax.ppo",
-    "PPOTrainer": "rljax.ppo_trainer",
+    "PPOTrainer": "rljax.trainers.ppo",
     "AutoModelForCausalLMWithValueHead": "rljax.models.heads",
-    "create_reference_model": "rljax.ppo_trainer",
+    "create_reference_model": "rljax.trainers.ppo",
     "respond_to_batch": "rljax.generation",
-    "SFTConfig": "rljax.sft",
-    "SFTTrainer": "rljax.sft",
-    "RewardConfig": "rljax.reward",
-    "RewardTrainer": "rljax.reward",
-    "DPOConfig": "rljax.dpo",
-    "DPOTrainer": "rljax.dpo",
-    "IterativeSFTTrainer": "rljax.iterative_sft",
+    "SFTConfig": "rljax.trainers.sft",
+    "SFTTrainer": "rljax.trainers.sft",
+    "RewardConfig": "rljax.trainers.reward",
+    "RewardTrainer": "rljax.trainers.reward",
+    "DPOConfig": "rljax.trainers.dpo",
+    "DPOTrainer": "rljax.trainers.dpo",
+    "IterativeSFTTrainer": "rljax.trainers.iterative_sft",
     "LengthSampler": "rljax.core",
 }
 

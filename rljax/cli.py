@@ -473,7 +473,7 @@ def _finish(config, result: Dict[str, Any], command: str) -> Dict[str, Any]:
 
 def run_sft(config, script: ModelDataArguments) -> Dict[str, Any]:
     from rljax.models import from_pretrained
-    from rljax.sft import SFTTrainer
+    from rljax.trainers.sft import SFTTrainer
 
     tokenizer = load_tokenizer(script, "sft")
     train, test = load_dataset_splits(_require(script.dataset_name, "dataset_name", "sft"), script.dataset_train_split,
@@ -491,7 +491,7 @@ def run_sft(config, script: ModelDataArguments) -> Dict[str, Any]:
 
 def run_reward(config, script: ModelDataArguments) -> Dict[str, Any]:
     from rljax.data import tokenize_preference_dataset
-    from rljax.reward import REWARD_COLUMNS, RewardTrainer
+    from rljax.trainers.reward import REWARD_COLUMNS, RewardTrainer
 
     tokenizer = load_tokenizer(script, "reward")
     train, test = load_dataset_splits(_require(script.dataset_name, "dataset_name", "reward"), script.dataset_train_split,
@@ -512,8 +512,8 @@ def run_reward(config, script: ModelDataArguments) -> Dict[str, Any]:
 
 
 def run_dpo(config, script: ModelDataArguments) -> Dict[str, Any]:
-    from rljax.dpo import DPOTrainer
     from rljax.models import from_pretrained
+    from rljax.trainers.dpo import DPOTrainer
 
     tokenizer = load_tokenizer(script, "dpo")
     train, test = load_dataset_splits(_require(script.dataset_name, "dataset_name", "dpo"), script.dataset_train_split,
@@ -561,7 +561,11 @@ def run_ppo(config, script: PPOScriptArguments) -> Dict[str, Any]:
     from rljax.checkpoint import Checkpointer
     from rljax.generation import make_generate_fn
     from rljax.logging import MetricLogger
-    from rljax.models.heads import AutoModelForCausalLMWithValueHead, save_value_head_model, sequence_score_from_pretrained
+    from rljax.models.heads import (
+        AutoModelForCausalLMWithValueHead,
+        save_value_head_model,
+        sequence_score_from_pretrained,
+    )
     from rljax.ppo_train import PPOTrainState, make_train
 
     model_path = script.model_name_or_path or config.model_name
@@ -682,13 +686,13 @@ def run_ppo(config, script: PPOScriptArguments) -> Dict[str, Any]:
 
 
 def _sft_config():
-    from rljax.sft import SFTConfig
+    from rljax.trainers.sft import SFTConfig
 
     return SFTConfig
 
 
 def _reward_config():
-    from rljax.reward import RewardConfig
+    from rljax.trainers.reward import RewardConfig
 
     return RewardConfig
 
@@ -700,7 +704,7 @@ def _ppo_config():
 
 
 def _dpo_config():
-    from rljax.dpo import DPOConfig
+    from rljax.trainers.dpo import DPOConfig
 
     return DPOConfig
 

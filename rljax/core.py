@@ -110,8 +110,10 @@ def masked_mean(values: ArrayLike, mask: ArrayLike, axis: Optional[int] = None) 
     return jnp.sum(values * mask, axis=axis) / jnp.sum(mask, axis=axis)
 
 
-def _check_unbiased_mask_sum(mask: ArrayLike) -> None:
-    """Raise on a concrete mask whose sum makes Bessel's correction undefined."""
+def check_whiten_mask(mask: ArrayLike) -> None:
+    """Host-side check for shells: raise when ``sum(mask)`` makes the unbiased masked
+    variance undefined (0: TRL's ValueError; 1: TRL returns NaN, we raise). The jittable
+    ``masked_var``/``masked_whiten`` never raise; call this on concrete masks before them."""
     if not _is_concrete(mask):
         return
     mask_sum = float(np.sum(np.asarray(mask, dtype=np.float64)))
@@ -143,38 +145,27 @@ def masked_var(values: ArrayLike, mask: ArrayLike, unbiased: bool = True) -> Arr
     """Variance of the unmasked elements of `values` (over all axes).
 
     unbiased=True applies Bessel's correction with the total unmasked count,
-    as TRL does. Corner cases:
-      * sum(mask) == 0 and unbiased: ValueError (as TRL), when `mask` is concrete.
-      * sum(mask) == 1 and unbiased: deliberate fix, ValueError instead of TRL's
-        inf/NaN, when `mask` is concrete.
-      * Inside jit/vmap/grad (`mask` is a tracer) nothing can be raised, so the
-        result is guarded instead: where the correction is undefined the biased
-        variance is returned (0 for an empty or one-element mask). No NaN/inf,
-        and no NaN gradients, come out of this function for finite inputs.
-    With unbiased=False an empty mask gives NaN outside jit (TRL: 0/0) and 0
-    inside jit.
+    as TRL does. One meaning, eager or under jit/vmap/grad: where the correction
+    is undefined (sum(mask) <= 1; TRL raises for 0 and returns inf/NaN for 1) the
+    biased variance is returned (0 for an empty or one-element mask), so no NaN or
+    inf (and no NaN gradient) comes out for finite inputs. Shells validate concrete
+    masks first with :func:`check_whiten_mask` (a clear ValueError).
     """
     values = _floating(values)
     mask_arr = jnp.asarray(mask, dtype=values.dtype)
-    if unbiased:
-        _check_unbiased_mask_sum(mask)
-        return _masked_var_guarded(values, mask_arr, unbiased=True)
-    if _is_concrete(mask):
-        mean = masked_mean(values, mask_arr)
-        return masked_mean(jnp.square(values - mean), mask_arr)
-    return _masked_var_guarded(values, mask_arr, unbiased=False)
+    return _masked_var_guarded(values, mask_arr, unbiased=unbiased)
 
 
 def masked_whiten(values: ArrayLike, mask: ArrayLike, shift_mean: bool = True) -> Array:
     """Whiten `values` with the masked mean and unbiased masked variance (eps 1e-8).
 
     Like TRL, EVERY position is transformed (masked positions are not zeroed).
-    Raises like `masked_var` for a concrete mask with sum 0 or 1; inside jit a
-    one-element mask gives (values - mean) * 1e4 (finite), an empty mask NaN.
+    Same meaning eager and under jit: a one-element mask gives (values - mean) * 1e4
+    (finite), an empty mask NaN (the masked mean is 0/0, as TRL); shells reject both
+    beforehand with :func:`check_whiten_mask`.
     """
     values = _floating(values)
     mask_arr = jnp.asarray(mask, dtype=values.dtype)
-    _check_unbiased_mask_sum(mask)
     mean = masked_mean(values, mask_arr)
     var = _masked_var_guarded(values, mask_arr, unbiased=True)
     whitened = (values - mean) * jax.lax.rsqrt(var + 1e-8)

@@ -537,7 +537,7 @@ def strip_responses(
     ``PPOTrainer._generate_batched(remove_padding=True)``. When no eos id is
     given, trailing ``pad_token_id`` tokens are stripped instead.
 
-    TRL quirk 19: TRL searches for the first eos in the prompt + response when
+    TRL 0.7.11 detail: TRL searches for the first eos in the prompt + response when
     ``return_prompt=True``, so a prompt containing eos (e.g. pad == eos) cuts
     inside the prompt. We deliberately look at the RESPONSE only.
     """

@@ -14,8 +14,8 @@ Read top to bottom:
 
 Shapes: `B` batch, `T` response-aligned sequence length (TRL's `T-1` after
 the logits/labels shift), `V` vocabulary. Where TRL 0.7.11 has a quirk it is
-matched unless a docstring says "deliberate fix"; see
-/work/shared/reference/TRL_0_7_11.md section 10 for the quirk numbers cited.
+matched unless a docstring says "deliberate fix"; each such detail is described
+where it is matched ("TRL 0.7.11 detail: ...").
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import math
 import os
 import sys
 import warnings
-from typing import Any, Dict, Literal, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Literal, Mapping, Optional, Tuple, Union
 
 import chex
 import flax.struct
@@ -100,7 +100,7 @@ _kl_penalty_fn = kl_penalty
 def _last_unmasked(masks: Array) -> Array:
     """[B, T] bool: True only at the last nonzero mask position of each row.
 
-    TRL's `mask.nonzero()[-1]` (quirk 2); rows with no nonzero entry are all False.
+    TRL's `mask.nonzero()[-1]` (TRL 0.7.11 detail: with response masks that zero the tail, the score moves to the last unmasked token); rows with no nonzero entry are all False.
     """
     nonzero = masks != 0
     T = masks.shape[-1]
@@ -136,9 +136,9 @@ def compute_rewards(
 
     Returns (rewards, non_score_rewards, kls), each [B, T]:
       kls = kl_penalty(logprobs, ref_logprobs) at EVERY position, masked or
-      not (quirk 1; `compute_advantages` masks later); non_score_rewards =
+      not (TRL 0.7.11 detail: the KL penalty is applied at every position, query and pad included; `compute_advantages` masks later); non_score_rewards =
       -kl_coef * kls (unmasked, as TRL); rewards = non_score_rewards plus
-      `scores[b]` at the LAST nonzero mask index of row b (quirk 2). A row
+      `scores[b]` at the LAST nonzero mask index of row b (TRL 0.7.11 detail). A row
       whose mask is all zero gets no score (TRL raises an IndexError there).
     """
     mode = kl_penalty
@@ -194,15 +194,15 @@ def compute_advantages(
 
     Returns (values, advantages, returns), each [B, T]:
       values: the masked values (the "old values" of the value loss);
-      returns: UNwhitened advantages + masked values (quirk 4);
+      returns: UNwhitened advantages + masked values (TRL 0.7.11 detail: advantages are whitened over the whole batch, returns are not);
       advantages: whitened over the whole batch with the masked mean and
         unbiased masked variance (every position is transformed, as TRL).
-    The recursion runs over all T positions, masked ones included (quirk 3):
+    The recursion runs over all T positions, masked ones included (TRL 0.7.11 detail; the masked positions drop out of the loss):
     masked values/rewards are zero, so query positions before the response
     carry the response's discounted advantage (they are masked out later).
     `advantages` and `returns` are wrapped in `stop_gradient` (TRL computes
-    them under no_grad); raises like `masked_var` for a concrete mask with
-    fewer than two nonzero entries.
+    them under no_grad). Never raises (one jit-safe meaning, see `masked_var`);
+    shells check concrete masks with `rljax.core.check_whiten_mask`.
     """
     values, rewards, mask = jnp.asarray(values), jnp.asarray(rewards), jnp.asarray(mask)
     chex.assert_rank(values, 2)
@@ -264,7 +264,7 @@ def adaptive_kl_update(
     error = clip(current_kl / target - 1, -0.2, 0.2);
     value * (1 + error * n_steps / horizon). All scalars. TRL feeds
     current_kl = `objective/kl` (the batch mean of per-sequence SUMMED KL)
-    and n_steps = batch_size * num_processes (quirk 8).
+    and n_steps = batch_size * num_processes (TRL 0.7.11 detail: per-sequence summed KL is compared with the target).
     """
     proportional_error = jnp.clip(jnp.asarray(current_kl) / target - 1, -0.2, 0.2)
     mult = 1 + proportional_error * n_steps / horizon
@@ -317,7 +317,7 @@ def process_scores(
 ) -> Tuple[Array, RunningMomentsState]:
     """TRL's score scaling / normalisation / clipping, as a pure function.
 
-    scores: [B]. In TRL's order (quirk 11):
+    scores: [B]. In TRL's order (TRL 0.7.11 detail: the running std includes the current batch):
       1. if use_score_scaling: fold `scores` into the running moments, then
          divide by (running std + float32 eps) using the UPDATED moments
          (current batch included); with use_score_norm also subtract the
@@ -371,7 +371,7 @@ def step_stats(
       non_score_reward, kls: [B, T] from `compute_rewards`.
       masks: [B, T] response mask.
       kl_coef: scalar, the coefficient used for this step (BEFORE the
-        controller update, quirk 8).
+        controller update, TRL 0.7.11 detail).
       queries_len, responses_len: [B] token counts of each query / response.
       train_stats: optional flat dict of `rljax.losses.ppo_loss` stats ALREADY
         averaged over the minibatches ("loss/policy", "val/error",
@@ -381,7 +381,7 @@ def step_stats(
     Returns a dict with objective/kl (batch mean of per-sequence summed
     masked KL), objective/kl_dist [B], objective/logprobs, objective/ref_logprobs,
     objective/kl_coef, objective/entropy (batch mean of summed -logprob*mask,
-    quirk 10), ppo/mean_non_score_reward (masked mean), ppo/mean_scores,
+    TRL 0.7.11 detail: Monte-Carlo over sampled tokens, unlike ppo/policy/entropy), ppo/mean_non_score_reward (masked mean), ppo/mean_scores,
     ppo/std_scores (unbiased), tokens/queries_len_mean, tokens/queries_len_std
     (unbiased), tokens/queries_dist [B], and the same three for responses.
     TRL's "KL is becoming negative" warning (objective/kl < -1) is host-side

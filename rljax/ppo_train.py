@@ -34,7 +34,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rljax.core import RunningMomentsState, logprobs_from_logits, masked_mean, running_moments_init
+from rljax.core import (
+    RunningMomentsState,
+    logprobs_from_logits,
+    running_moments_init,
+)
 from rljax.losses import ppo_loss
 from rljax.models.attention import default_position_ids
 from rljax.ppo import (
@@ -257,7 +261,7 @@ def make_ppo_step(module: Any, config: PPOConfig, *, num_processes: int = 1) -> 
     too (``model.train()`` comes only after it, in ``train_minibatch``), so TRL's PPO never
     applies dropout and the first minibatch's ratio is exactly 1.
     Deliberate fixes: a backward batch whose minibatches were all skipped by
-    ``ratio_threshold`` leaves params and optimizer untouched (quirk 6); non-finite
+    ``ratio_threshold`` leaves params and optimizer untouched (TRL still calls optimizer.step(), and Adam's moments move the params); non-finite
     scores leave the whole state untouched (``ppo/skipped_nonfinite_scores`` = 1).
     """
     B, mb, GA = config.batch_size, config.mini_batch_size, config.gradient_accumulation_steps

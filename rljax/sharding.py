@@ -2,7 +2,7 @@
 
 rljax shards with GSPMD: arrays carry ``NamedSharding``s and ``jax.jit`` gets
 ``in_shardings``/``out_shardings``; the compiler inserts the collectives. There is
-no ``pmap`` and no per-device code: the pure steps in ``rljax.training``,
+no ``pmap`` and no per-device code: the pure steps in ``rljax.trainers.base``,
 ``rljax.ppo_train``, ``rljax.dpo`` and ``rljax.generation`` run unchanged on 1
 device, on a mesh of simulated CPU devices, or across hosts.
 
@@ -40,7 +40,8 @@ from typing import Any, Callable, Optional, Sequence, Tuple, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 AXES = ("data", "fsdp", "model")
 BATCH_AXES = ("data", "fsdp")

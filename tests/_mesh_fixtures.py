@@ -52,7 +52,7 @@ def sft_batch(batch_size: int = 8, seq_len: int = 16, seed: int = 0) -> dict:
 def sft_state(module, params, lr: float = 1e-3, seed: int = 0, adam_eps: float = 1e-8):
     """An AdamW TrainState (HF defaults, grad clipping 1.0, linear warmup/decay) over ``params``."""
     from rljax.train_state import TrainState
-    from rljax.training import TrainingArguments, make_optimizer
+    from rljax.trainers.base import TrainingArguments, make_optimizer
 
     args = TrainingArguments(learning_rate=lr, weight_decay=0.01, warmup_steps=2, max_steps=20, adam_epsilon=adam_eps)
     return TrainState.create(params, make_optimizer(args, 20), jax.random.PRNGKey(seed))

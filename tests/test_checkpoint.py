@@ -152,7 +152,7 @@ def test_corrupt_and_half_written_checkpoints_are_skipped_with_a_warning(tmp_pat
 @functools.lru_cache(maxsize=None)
 def _sft_step():
     from rljax.sft import make_sft_loss
-    from rljax.training import make_train_step
+    from rljax.trainers.base import make_train_step
 
     module, params = F.tiny_gpt2(n_layer=1)
     return module, params, make_train_step(make_sft_loss(module), gradient_accumulation_steps=2, donate=True)

@@ -11,7 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-from rljax.dpo import DPOConfig, DPOTrainer, get_batch_logps
+from rljax.dpo import get_batch_logps
+from rljax.trainers.dpo import DPOConfig, DPOTrainer
 from rljax.losses import get_batch_logps as losses_get_batch_logps
 from rljax.models import init_params, model_from_config
 from rljax.models.gpt2 import GPT2Config

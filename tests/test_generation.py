@@ -352,7 +352,7 @@ def test_respond_to_batch_returns_txt_len_sampled_tokens(gpt2):
 
 
 def test_strip_responses_cuts_after_first_eos_in_response_only():
-    eos, pad = 2, 2  # pad == eos, and the prompt contains eos (TRL quirk 19)
+    eos, pad = 2, 2  # pad == eos, and the prompt contains eos (TRL cuts at the first eos of prompt + response)
     seqs = np.array([
         [2, 5, 6, 7, 2, 2, 2],
         [2, 2, 6, 7, 8, 9, 1],

@@ -8,10 +8,10 @@ import jax
 import numpy as np
 import pytest
 
-from rljax.iterative_sft import IterativeSFTTrainer
+from rljax.trainers.iterative_sft import IterativeSFTTrainer
 from rljax.models import init_params, model_from_config
 from rljax.models.gpt2 import GPT2Config
-from rljax.training import TrainingArguments
+from rljax.trainers.base import TrainingArguments
 
 TEXTS = [
     "the cat sat on the mat",

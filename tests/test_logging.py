@@ -204,7 +204,7 @@ def test_wandb_missing_gives_an_install_hint(tmp_path, monkeypatch):
 
 def _toy_trainer(output_dir, **overrides):
     """A Trainer on a 3-parameter least-squares problem (compiles in well under a second)."""
-    from rljax.training import Trainer, TrainingArguments
+    from rljax.trainers.base import Trainer, TrainingArguments
 
     class Toy(Trainer):
         def loss_fn(self, params, batch, rng):

@@ -39,7 +39,7 @@ def _run_training(mesh, local_rows):
     import _mesh_fixtures as F
     from rljax import sharding as S
     from rljax.sft import make_sft_loss
-    from rljax.training import make_train_step
+    from rljax.trainers.base import make_train_step
 
     module, params = F.tiny_gpt2(n_layer=1)
     state = S.shard_params(F.sft_state(module, params), mesh)

@@ -529,7 +529,7 @@ def test_ratio_threshold_skips_every_minibatch_without_touching_state(models):
     for key in ("ppo/loss/policy", "ppo/loss/value", "ppo/loss/total"):
         assert stats[key] == 0.0
     assert stats["ppo/policy/approxkl"] == 0.0  # nothing moved between minibatches either
-    # Deliberate fix of TRL quirk 6: params AND Adam state bitwise unchanged (TRL steps Adam).
+    # Deliberate fix (TRL steps Adam on zero grads for a skipped batch): params AND Adam state bitwise unchanged (TRL steps Adam).
     assert leaves_equal(new_state.params, state.params)
     assert leaves_equal(new_state.opt_state, state.opt_state)
     assert int(new_state.step) == int(state.step) + 1

@@ -1,4 +1,4 @@
-"""rljax.ppo_trainer: the TRL 0.7.11-compatible PPOTrainer shell (in the spirit of TRL's
+"""rljax.trainers.ppo: the TRL 0.7.11-compatible PPOTrainer shell (in the spirit of TRL's
 tests/test_ppo_trainer.py): step() stats and updates, reference models with really shared
 layers, response masks, input validation, generate(), the dataloader, log_stats and saving.
 
@@ -20,7 +20,7 @@ from rljax.models import init_params, model_from_config
 from rljax.models.gpt2 import GPT2Config
 from rljax.models.heads import AutoModelForCausalLMWithValueHead
 from rljax.ppo import PPOConfig
-from rljax.ppo_trainer import PPOTrainer, create_reference_model, merge_reference
+from rljax.trainers.ppo import PPOTrainer, create_reference_model, merge_reference
 
 # The full key list TRL 0.7.11's step() returns (non-wandb: scalars as Python floats).
 TRL_STEP_KEYS = [
@@ -188,7 +188,7 @@ def test_config_rejects_mini_batch_that_does_not_divide_batch():
 
 
 def test_shared_layers_are_shared_frozen_and_not_copied(model, tokenizer):
-    """num_shared_layers=1 (our fix of TRL quirk 17): the embeddings and layer 0 live only in the
+    """num_shared_layers=1 (our fix: TRL 0.7.11 only freezes those layers): the embeddings and layer 0 live only in the
     policy params, frozen; the reference holds just the rest; layer 1, ln_f and v_head train."""
     ref = create_reference_model(model, num_shared_layers=1)
     full = flatten_dict(model.params)

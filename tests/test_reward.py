@@ -15,7 +15,8 @@ from rljax.data import tokenize_preference_dataset
 from rljax.losses import reward_loss
 from rljax.models import SequenceScoreModel, init_params, model_from_config
 from rljax.models.gpt2 import GPT2Config
-from rljax.reward import RewardConfig, RewardTrainer, as_score_model, make_reward_fn
+from rljax.reward import as_score_model, make_reward_fn
+from rljax.trainers.reward import RewardConfig, RewardTrainer
 
 WORDS = ["the", "cat", "dog", "sat", "on", "mat", "ran", "to", "a", "big", "red", "box"]
 

@@ -14,7 +14,7 @@ import pytest
 from rljax.data import DataCollatorForCompletionOnlyLM
 from rljax.models import init_params, model_from_config
 from rljax.models.gpt2 import GPT2Config
-from rljax.sft import SFTConfig, SFTTrainer
+from rljax.trainers.sft import SFTConfig, SFTTrainer
 
 WORDS = ["the", "cat", "dog", "sat", "on", "mat", "ran", "to", "a", "big", "red", "box"]
 

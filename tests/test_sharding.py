@@ -230,7 +230,7 @@ def _sft_setup():
 @functools.lru_cache(maxsize=None)
 def _sft_reference():
     from rljax.sft import make_sft_loss
-    from rljax.training import make_train_step
+    from rljax.trainers.base import make_train_step
 
     module, state, batch = _sft_setup()
     step = make_train_step(make_sft_loss(module), gradient_accumulation_steps=2, donate=False)
@@ -242,7 +242,7 @@ def _sft_reference():
 @pytest.mark.parametrize("shape", MESHES)
 def test_sft_step_on_mesh_matches_one_device(shape):
     from rljax.sft import make_sft_loss
-    from rljax.training import make_train_step
+    from rljax.trainers.base import make_train_step
 
     module, state, batch = _sft_setup()
     ref_state, ref_m1, ref_m2 = _sft_reference()
@@ -347,7 +347,7 @@ def test_dpo_step_on_mesh_matches_one_device():
     dpo = pytest.importorskip("rljax.dpo", reason="rljax.dpo has not landed")
     if not hasattr(dpo, "make_dpo_loss"):
         pytest.skip("rljax.dpo exposes no make_dpo_loss yet")
-    from rljax.training import make_train_step
+    from rljax.trainers.base import make_train_step
 
     module, state, _ = _sft_setup()
     rng = np.random.default_rng(3)
@@ -379,7 +379,7 @@ def test_dpo_step_on_mesh_matches_one_device():
 def test_sft_trainer_on_a_mesh_matches_one_device_and_shards_its_state(tiny_tokenizer, tmp_path):
     from rljax.models import init_params, model_from_config
     from rljax.models.gpt2 import GPT2Config
-    from rljax.sft import SFTConfig, SFTTrainer
+    from rljax.trainers.sft import SFTConfig, SFTTrainer
 
     cfg = GPT2Config(vocab_size=len(tiny_tokenizer), n_positions=32, n_embd=32, n_layer=2, n_head=4,
                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
@@ -410,7 +410,7 @@ def test_ppo_trainer_on_a_mesh_matches_one_device(tiny_tokenizer):
     from rljax.models.gpt2 import GPT2Config
     from rljax.models.heads import AutoModelForCausalLMWithValueHead
     from rljax.ppo import PPOConfig
-    from rljax.ppo_trainer import PPOTrainer
+    from rljax.trainers.ppo import PPOTrainer
 
     cfg = GPT2Config(vocab_size=len(tiny_tokenizer), n_positions=32, n_embd=32, n_layer=2, n_head=4,
                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)

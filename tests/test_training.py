@@ -1,4 +1,4 @@
-"""rljax.training.Trainer: resumable checkpoints (checkpoint-<step>/train_state) continue a run
+"""rljax.trainers.base.Trainer: resumable checkpoints (checkpoint-<step>/train_state) continue a run
 bitwise, through train(resume_from_checkpoint=...) or TrainingArguments.resume_from_checkpoint."""
 import json
 import os

@@ -34,7 +34,7 @@ from rljax.models import abstract_params, init_params  # noqa: E402
 from rljax.models.gpt2 import GPT2Config, GPT2LMHeadModel  # noqa: E402
 from rljax.sft import make_sft_loss  # noqa: E402
 from rljax.train_state import TrainState  # noqa: E402
-from rljax.training import TrainingArguments, make_optimizer, make_train_step  # noqa: E402
+from rljax.trainers.base import TrainingArguments, make_optimizer, make_train_step  # noqa: E402
 
 MiB = 2**20
 

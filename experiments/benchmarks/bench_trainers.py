@@ -11,7 +11,7 @@ token count and there is no padding):
   sft  one optimizer update: forward + backward + global-norm clipping at 1.0 + AdamW
        (HF TrainingArguments defaults: lr 5e-5 with linear decay, betas 0.9/0.999,
        eps 1e-8, weight decay 0), dropout 0.1 on (training mode); labels = input ids.
-       rljax: ``rljax.sft.make_sft_loss`` + ``rljax.training.make_train_step`` with
+       rljax: ``rljax.sft.make_sft_loss`` + ``rljax.trainers.base.make_train_step`` with
        ``make_optimizer`` (the step ``rljax.SFTTrainer.train`` runs).
        TRL: ``trl.SFTTrainer(..., packing=True).train()`` with ``max_steps`` on a
        pre-tokenized torch dataset of 8 packed 128-token rows.
@@ -186,7 +186,7 @@ def rljax_side(model_dir: str, n: int, cases):
     from rljax.models import from_pretrained
     from rljax.sft import make_sft_loss
     from rljax.train_state import TrainState
-    from rljax.training import TrainingArguments, make_optimizer, make_train_step
+    from rljax.trainers.base import TrainingArguments, make_optimizer, make_train_step
 
     module, ref_params = from_pretrained(model_dir)
     args = TrainingArguments(per_device_train_batch_size=BATCH, max_steps=n + 1, seed=0)

@@ -1,0 +1,167 @@
+"""Packing SFT text into constant-length blocks (TRL's ConstantLengthDataset).
+
+Part of :mod:`rljax.data` (its docstring has the conventions: NumPy int32 out,
+bucketed lengths, deliberate differences from TRL 0.7.11).
+"""
+from __future__ import annotations
+
+import random
+import warnings
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterator,
+    List,
+    Optional,
+)
+
+import numpy as np
+
+
+def _packing_texts(
+    dataset_text_field: Optional[str],
+    formatting_func: Optional[Callable[[Any], str]],
+) -> Callable[[Any], str]:
+    """The per-example text function ConstantLengthDataset uses."""
+    if formatting_func is not None:
+        if getattr(getattr(formatting_func, "__code__", None), "co_argcount", 1) > 1:
+            warnings.warn(
+                "The formatting_func passed for packing takes more than one argument; it is called with "
+                "one example (a dict) at a time."
+            )
+        return formatting_func
+    if dataset_text_field is not None:
+        return lambda ex: ex[dataset_text_field]
+
+    def _identity(ex: Any) -> str:
+        if isinstance(ex, str):
+            return ex
+        raise ValueError(
+            "pack_sequences got examples that are not strings: pass `dataset_text_field` or `formatting_func`."
+        )
+
+    return _identity
+
+
+def iter_packed_sequences(
+    data: Any,
+    tokenizer: Any,
+    seq_length: int,
+    *,
+    dataset_text_field: Optional[str] = None,
+    formatting_func: Optional[Callable[[Any], str]] = None,
+    num_of_sequences: int = 1024,
+    chars_per_token: float = 3.6,
+    eos_token_id: Optional[int] = None,
+    append_concat_token: bool = True,
+    add_special_tokens: bool = True,
+    shuffle: bool = True,
+    seed: int = 0,
+    infinite: bool = False,
+) -> Iterator[Dict[str, np.ndarray]]:
+    """TRL's ConstantLengthDataset as a generator of ``{"input_ids", "labels"}`` (each ``[seq_length]``).
+
+    Per buffer: collect texts until their total *character* count reaches
+    ``seq_length * chars_per_token * num_of_sequences``; tokenize them (no
+    truncation); append the concat token after each text; concatenate; cut into
+    ``seq_length`` chunks and DROP the partial last chunk (of every buffer, not
+    just the last one); shuffle the chunks of the buffer (``random.Random(seed)``,
+    one stream for the whole run). Labels equal input ids; no attention mask.
+
+    Concat token quirk kept from TRL: ``tokenizer.eos_token_id if
+    tokenizer.eos_token_id else eos_token_id``, so an eos id of 0 counts as
+    missing and falls back to the argument; ``eos_token_id=None`` means TRL's
+    class default, 0.
+    """
+    text_of = _packing_texts(dataset_text_field, formatting_func)
+    tok_eos = getattr(tokenizer, "eos_token_id", None)
+    fallback = 0 if eos_token_id is None else int(eos_token_id)
+    if tok_eos is None:
+        warnings.warn(
+            f"The tokenizer has no EOS token; packing uses eos_token_id={fallback} as the separator. "
+            "Pass the right `eos_token_id` if that is wrong."
+        )
+    concat_id = tok_eos if tok_eos else fallback
+    max_buffer_chars = seq_length * chars_per_token * num_of_sequences
+    rng = random.Random(seed)
+
+    it = iter(data)
+    more = True
+    while more:
+        buffer: List[str] = []
+        n_chars = 0
+        while n_chars < max_buffer_chars:
+            try:
+                buffer.append(text_of(next(it)))
+            except StopIteration:
+                if infinite and len(data) > 0:
+                    it = iter(data)
+                    warnings.warn("The dataset reached its end; packing restarts from the beginning.")
+                    continue
+                more = False
+                break
+            n_chars += len(buffer[-1])
+        if not buffer:
+            break
+        ids = tokenizer(buffer, add_special_tokens=add_special_tokens, truncation=False)["input_ids"]
+        stream: List[int] = []
+        for x in ids:
+            stream.extend(x)
+            if append_concat_token:
+                stream.append(concat_id)
+        chunks = [stream[i : i + seq_length] for i in range(0, len(stream) - seq_length + 1, seq_length)]
+        if shuffle:
+            rng.shuffle(chunks)
+        for chunk in chunks:
+            arr = np.asarray(chunk, dtype=np.int32)
+            yield {"input_ids": arr, "labels": arr.copy()}
+
+
+def pack_sequences(
+    data: Any,
+    tokenizer: Any,
+    seq_length: int,
+    *,
+    dataset_text_field: Optional[str] = None,
+    formatting_func: Optional[Callable[[Any], str]] = None,
+    num_of_sequences: int = 1024,
+    chars_per_token: float = 3.6,
+    eos_token_id: Optional[int] = None,
+    append_concat_token: bool = True,
+    add_special_tokens: bool = True,
+    shuffle: bool = True,
+    seed: int = 0,
+) -> Dict[str, np.ndarray]:
+    """Materialized packing (what SFTTrainer(packing=True) builds): ``input_ids``/``labels`` ``[n, seq_length]``.
+
+    ``data``: a list of strings, or a dataset / list of dicts with
+    ``dataset_text_field`` or ``formatting_func(example) -> str``. Semantics:
+    :func:`iter_packed_sequences`.
+
+    Raises:
+        ValueError: the data is too short to fill a single chunk (as TRL's SFTTrainer).
+    """
+    rows = list(
+        iter_packed_sequences(
+            data,
+            tokenizer,
+            seq_length,
+            dataset_text_field=dataset_text_field,
+            formatting_func=formatting_func,
+            num_of_sequences=num_of_sequences,
+            chars_per_token=chars_per_token,
+            eos_token_id=eos_token_id,
+            append_concat_token=append_concat_token,
+            add_special_tokens=add_special_tokens,
+            shuffle=shuffle,
+            seed=seed,
+        )
+    )
+    if not rows:
+        raise ValueError(
+            f"Packing produced no sequence of {seq_length} tokens: the dataset needs enough text "
+            "to fill at least one packed sequence (or use a smaller seq_length)."
+        )
+    ids = np.stack([r["input_ids"] for r in rows])
+    return {"input_ids": ids, "labels": ids.copy()}
