@@ -29,14 +29,17 @@ of the saved data position (tested in ``tests/test_checkpoint.py``).
 """
 from __future__ import annotations
 
+import atexit
 import base64
 import datetime
 import json
 import os
 import shutil
+import sys
 import threading
 import time
 import warnings
+import weakref
 import zlib
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -204,6 +207,35 @@ def abstract_target(target_state: Any, mesh=None, shardings: Any = None, rules=N
 # Checkpointer
 # --------------------------------------------------------------------------
 
+# Checkpointers with saves that may still be in flight. At interpreter exit they are
+# finished and committed BEFORE concurrent.futures shuts its thread pools down (a
+# plain ``atexit`` hook runs too late: orbax's background commit then fails with
+# "cannot schedule new futures after interpreter shutdown" and the process hangs).
+_OPEN: "weakref.WeakSet[Checkpointer]" = weakref.WeakSet()
+_EXIT_HOOK_REGISTERED = False
+
+
+def _finish_open_checkpointers() -> None:
+    for ck in list(_OPEN):
+        try:
+            ck.close()
+        except Exception as e:  # never hang or mask the real exit status; say what happened
+            print(f"rljax.checkpoint: could not finish the pending save in {ck.directory}: {e!r}", file=sys.stderr)
+
+
+def _register_exit_hook() -> None:
+    global _EXIT_HOOK_REGISTERED
+    if _EXIT_HOOK_REGISTERED:
+        return
+    # threading's exit hooks run in reverse registration order before the thread pools
+    # of concurrent.futures stop accepting work (orbax imported it, so ours runs first).
+    register = getattr(threading, "_register_atexit", None)
+    try:
+        (register or atexit.register)(_finish_open_checkpointers)
+    except RuntimeError:  # already shutting down
+        return
+    _EXIT_HOOK_REGISTERED = True
+
 
 class Checkpointer:
     """Periodic, verified, resumable checkpoints of a training state in ``directory``.
@@ -217,6 +249,10 @@ class Checkpointer:
       resume: continue in an existing directory (``restore`` picks up the newest good step).
       checksums: record and verify CRC32s of every file (reads each file once more on
         restore; turn off for very large checkpoints, sizes are still checked).
+
+    Use it as a context manager (``with Checkpointer(d) as ck: ...``) or call ``close()``;
+    a checkpointer left open is closed at interpreter exit, so a started save is
+    committed rather than lost.
     """
 
     def __init__(
@@ -253,6 +289,9 @@ class Checkpointer:
             async_options=ocp.AsyncOptions(post_finalization_callback=self._commit_pending) if async_save else None,
         )
         self._mgr = ocp.CheckpointManager(self.directory, options=options, item_names=_ITEMS)
+        self._closed = False
+        _register_exit_hook()
+        _OPEN.add(self)
         self._warn_half_written()
 
     # -- directory hygiene ---------------------------------------------------------------
@@ -332,6 +371,11 @@ class Checkpointer:
         _barrier("rljax_checkpoint_committed")
 
     def close(self) -> None:
+        """Finish and commit pending saves, then release orbax's threads. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        _OPEN.discard(self)
         self.wait_until_finished()
         self._mgr.close()
 

@@ -1,0 +1,46 @@
+"""Failure behaviour: nothing lost at exit or after a kill (issue: checkpoints that survive kills)."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import jax.numpy as jnp
+    from rljax.checkpoint import Checkpointer
+    ck = Checkpointer(sys.argv[1], async_save=True)
+    ck.save(3, {"w": jnp.full((128, 128), 2.0)}, extra={"data_position": 7})
+    print("saved; exiting without close()", flush=True)
+    """
+)
+
+
+def _run(code: str, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_async_save_without_close_is_committed_at_exit(tmp_path):
+    """A started async save that is never waited for is committed at interpreter exit
+    (no hang, no 'cannot schedule new futures after interpreter shutdown')."""
+    d = str(tmp_path / "ck")
+    proc = _run(_SCRIPT, d)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "cannot schedule new futures" not in proc.stderr
+    assert sorted(os.listdir(d)) == ["3"]
+    assert os.path.isfile(os.path.join(d, "3", "rljax_commit.json"))
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from rljax.checkpoint import Checkpointer
+
+    with Checkpointer(d, resume=True) as ck:
+        assert ck.latest_step() == 3
+        state, extra = ck.restore(target_state={"w": jax.ShapeDtypeStruct((128, 128), jnp.float32)})
+        assert extra["data_position"] == 7
+    np.testing.assert_array_equal(np.asarray(state["w"]), 2.0)
