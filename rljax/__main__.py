@@ -1,5 +1,7 @@
 """``python -m rljax sft|reward|ppo|dpo ...`` (same as the ``rljax`` command)."""
-from rljax.cli import main
+import sys
+
+from rljax.cli import cli
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

@@ -746,5 +746,22 @@ def main(argv: Optional[Sequence[str]] = None, defaults: Optional[Dict[str, Any]
     return COMMANDS[command].run(config, script)
 
 
+def cli(argv: Optional[Sequence[str]] = None) -> int:
+    """The console script (``rljax ...``, ``python -m rljax ...``): runs :func:`main` and turns
+    its outcome into an exit status. 0 on success; a user error (bad value, missing file or column) prints one ``rljax <command>:
+    error: ...`` line, no traceback, and exits 1; ``RLJAX_DEBUG=1`` re-raises it instead."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv else ""
+    try:
+        main(argv)  # prints where it saved the model
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError, NotImplementedError) as e:
+        if os.environ.get("RLJAX_DEBUG"):
+            raise
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"rljax {command}: error: {message}", file=sys.stderr)
+        return 1
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

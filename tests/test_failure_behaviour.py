@@ -44,3 +44,25 @@ def test_async_save_without_close_is_committed_at_exit(tmp_path):
         state, extra = ck.restore(target_state={"w": jax.ShapeDtypeStruct((128, 128), jnp.float32)})
         assert extra["data_position"] == 7
     np.testing.assert_array_equal(np.asarray(state["w"]), 2.0)
+
+
+def test_console_script_exit_codes(monkeypatch, capsys):
+    """`rljax ...` exits 0 after a successful run (main() returns the result dict, which the
+    console script must not pass to sys.exit) and 1 with one line, no traceback, on a user error."""
+    from rljax import cli
+
+    monkeypatch.setattr(cli, "main", lambda argv: {"train_loss": 1.0, "output_dir": "x"})
+    assert cli.cli(["sft"]) == 0
+    monkeypatch.setattr(cli, "main", lambda argv: (_ for _ in ()).throw(ValueError("no column 'text'; pass --dataset_text_field")))
+    assert cli.cli(["sft", "--x"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == "rljax sft: error: no column 'text'; pass --dataset_text_field"
+    monkeypatch.setenv("RLJAX_DEBUG", "1")
+    with pytest.raises(ValueError):
+        cli.cli(["sft"])
+
+
+def test_python_dash_m_rljax_help_exits_zero():
+    proc = _run("import runpy, sys; sys.argv = ['rljax', '--help']; runpy.run_module('rljax', run_name='__main__')")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "sft" in proc.stdout
