@@ -180,6 +180,11 @@ def _settings(
         raise ValueError(f"top_k must be an int >= 0 (0 turns it off), got {top_k!r}.")
     if not isinstance(min_new_tokens, (int, np.integer)) or min_new_tokens < 0:
         raise ValueError(f"min_new_tokens must be an int >= 0, got {min_new_tokens!r}.")
+    if min_new_tokens > max_new_tokens:
+        raise ValueError(
+            f"min_new_tokens={min_new_tokens} exceeds max_new_tokens={max_new_tokens}: eos could never be "
+            "allowed; lower min_new_tokens or raise max_new_tokens."
+        )
     eos = _eos_tuple(eos_token_id)
     if eos and pad_token_id is None:
         raise ValueError(
@@ -215,6 +220,11 @@ def _check_shapes(model, input_ids, attention_mask, max_new_tokens: int) -> None
         )
     if not jnp.issubdtype(input_ids.dtype, jnp.integer):
         raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}.")
+    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise ValueError(
+            f"input_ids has shape {tuple(input_ids.shape)}: generation needs at least one prompt of at least "
+            "one token."
+        )
     if tuple(attention_mask.shape) != tuple(input_ids.shape):
         raise ValueError(
             f"attention_mask shape {tuple(attention_mask.shape)} must equal input_ids shape "

@@ -66,3 +66,34 @@ def test_python_dash_m_rljax_help_exits_zero():
     proc = _run("import runpy, sys; sys.argv = ['rljax', '--help']; runpy.run_module('rljax', run_name='__main__')")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "sft" in proc.stdout
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+    from rljax.models import init_params, model_from_config
+    from rljax.models.gpt2 import GPT2Config
+
+    module = model_from_config(GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=1, n_head=2))
+    import jax
+
+    return module, init_params(module, jax.random.PRNGKey(0))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(max_new_tokens=2, min_new_tokens=3), "min_new_tokens=3 exceeds max_new_tokens=2"),
+        (dict(max_new_tokens=2, batch=0), "at least one prompt"),
+    ],
+)
+def test_generate_rejects_impossible_requests(tiny_lm, kwargs, match):
+    import jax
+    import numpy as np
+
+    from rljax.generation import generate
+
+    module, params = tiny_lm
+    batch = kwargs.pop("batch", 2)
+    ids = np.ones((batch, 3), np.int32)
+    with pytest.raises(ValueError, match=match):
+        generate(module, params, ids, np.ones_like(ids), jax.random.PRNGKey(0), eos_token_id=1, pad_token_id=0, **kwargs)
