@@ -410,7 +410,7 @@ SCALAR_STAT_KEYS = (
     "objective/kl", "objective/kl_coef", "objective/entropy", "ppo/mean_scores", "ppo/std_scores",
     "ppo/mean_non_score_reward", "ppo/loss/policy", "ppo/loss/value", "ppo/loss/total", "ppo/policy/entropy",
     "ppo/policy/approxkl", "ppo/policy/policykl", "ppo/policy/clipfrac", "ppo/returns/mean", "ppo/val/var_explained",
-    "tokens/responses_len_mean", "ppo/minibatches_skipped",
+    "tokens/responses_len_mean", "ppo/minibatches_skipped", "ppo/skipped_nonfinite_scores",
 )
 
 
@@ -428,11 +428,21 @@ def make_train(
     Each iteration samples ``batch_size`` prompts (without replacement) from the bank
     ``prompts`` [num_prompts, P], rolls out, scores with the JAX ``reward_fn(rollout) -> [B]``
     (raw scores, logged as ``env/reward_mean``) and runs ``ppo_step``. ``stats`` holds the
-    scalar stats in ``SCALAR_STAT_KEYS`` plus ``env/reward_mean``, each ``[num_steps]``.
+    scalar stats in ``SCALAR_STAT_KEYS`` plus ``env/reward_mean``, each ``[num_steps]``
+    (``ppo/skipped_nonfinite_scores`` counts the iterations whose rewards were not finite and
+    were therefore skipped). The prompt bank must be left-padded and ``reward_fn`` must
+    return ``[batch_size]``; both are checked up front with a ``ValueError``.
     jit it (``jax.jit(train)``); ``jax.vmap`` over states trains several seeds at once.
     """
-    prompts, prompt_mask = jnp.asarray(prompts), jnp.asarray(prompt_mask)  # numpy banks cannot take traced indices
     chex.assert_rank([prompts, prompt_mask], 2)
+    if not isinstance(prompt_mask, jax.core.Tracer):  # a concrete bank: check its padding up front
+        from rljax.generation import _check_left_padded
+
+        try:
+            _check_left_padded(prompt_mask)
+        except ValueError as e:
+            raise ValueError(f"make_train: prompt_mask: {e}") from None
+    prompts, prompt_mask = jnp.asarray(prompts), jnp.asarray(prompt_mask)  # numpy banks cannot take traced indices
     n = prompts.shape[0]
     if n < config.batch_size:
         raise ValueError(f"The prompt bank has {n} prompts, fewer than batch_size={config.batch_size}.")
@@ -445,6 +455,11 @@ def make_train(
         idx = jax.random.choice(k_idx, n, (config.batch_size,), replace=False)
         rollout = rollout_fn(state, prompts[idx], prompt_mask[idx], k_gen)
         scores = reward_fn(rollout)
+        if jnp.shape(scores) != (config.batch_size,):
+            raise ValueError(
+                f"reward_fn must return one score per rollout row, shape ({config.batch_size},); it returned shape "
+                f"{jnp.shape(scores)}. Reduce per-token rewards to a sequence score (e.g. .sum(-1))."
+            )
         state, stats = ppo_step(state, rollout, scores)
         out = {k: stats[k] for k in SCALAR_STAT_KEYS}
         out["env/reward_mean"] = jnp.mean(scores)

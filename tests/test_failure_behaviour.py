@@ -97,3 +97,32 @@ def test_generate_rejects_impossible_requests(tiny_lm, kwargs, match):
     ids = np.ones((batch, 3), np.int32)
     with pytest.raises(ValueError, match=match):
         generate(module, params, ids, np.ones_like(ids), jax.random.PRNGKey(0), eos_token_id=1, pad_token_id=0, **kwargs)
+
+
+def test_make_train_rejects_a_right_padded_bank_and_a_wrongly_shaped_reward(tiny_lm):
+    """The functional loop checks what would otherwise train on wrong numbers: a right-padded
+    prompt bank (up front) and a reward_fn returning per-token rewards (at trace time, named)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from rljax.generation import make_generate_fn
+    from rljax.models.heads import AutoModelForCausalLMWithValueHead
+    from rljax.ppo import PPOConfig
+    from rljax.ppo_train import PPOTrainState, make_train
+
+    lm, lm_params = tiny_lm
+    model = AutoModelForCausalLMWithValueHead.from_lm(lm, lm_params)
+    config = PPOConfig(batch_size=4, mini_batch_size=2, ppo_epochs=1)
+    gen = make_generate_fn(model.module, max_new_tokens=3, pad_token_id=0, jit=False)
+    prompts = np.full((8, 4), 5, np.int32)
+    right_padded = np.ones_like(prompts)
+    right_padded[0, -1] = 0
+    with pytest.raises(ValueError, match="prompt_mask.*right-padded.*padding_side = 'left'"):
+        make_train(model.module, config, gen, lambda r: r.response_mask.sum(-1), prompts, right_padded, 2)
+
+    per_token = make_train(model.module, config, gen, lambda r: r.response_mask.astype(jnp.float32), prompts,
+                           np.ones_like(prompts), 2)
+    state = PPOTrainState.create(model.params, model.params, config)
+    with pytest.raises(ValueError, match=r"reward_fn must return one score per rollout row, shape \(4,\)"):
+        jax.eval_shape(per_token, state)
