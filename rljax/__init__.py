@@ -23,6 +23,12 @@ _LAZY = {
     "DPOTrainer": "rljax.trainers.dpo",
     "IterativeSFTTrainer": "rljax.trainers.iterative_sft",
     "LengthSampler": "rljax.core",
+    "TrainingArguments": "rljax.trainers.base",
+    "set_seed": "rljax.trainers.seeding",
+    "ModelConfig": "rljax.trainers.model_config",
+    "get_peft_config": "rljax.trainers.model_config",
+    "get_quantization_config": "rljax.trainers.model_config",
+    "get_kbit_device_map": "rljax.trainers.model_config",
 }
 
 __all__ = sorted(_LAZY)

@@ -15,8 +15,10 @@ its default (YAML values included) and documentation. Booleans take ``--packing`
 
 Model and data (every subcommand):
   --model_name_or_path  local HF checkpoint directory or hub id (hub ids need internet)
-  --dataset_name        a ``datasets.save_to_disk`` directory, a .json / .jsonl file (rows, or
-                        ``{"train": [...], "test": [...]}``), or a hub dataset id
+  --dataset_name        a ``datasets.save_to_disk`` directory, a .json / .jsonl / .csv / .parquet
+                        file (read by ``datasets.load_dataset("json"|"csv"|"parquet", data_files=...)``;
+                        a .json file may hold ``{"train": [...], "test": [...]}``), a directory of such
+                        files named by split (train.jsonl, test.jsonl), or a hub dataset id
   --tokenizer_name      tokenizer directory / hub id (default: the model's)
   --dataset_train_split / --dataset_test_split  splits to train on / evaluate on (when present)
 
@@ -64,7 +66,7 @@ class ModelDataArguments:
     model_name_or_path: Optional[str] = None
     """Local HF checkpoint directory (config.json + safetensors) or hub id of the model to train."""
     dataset_name: Optional[str] = None
-    """A datasets.save_to_disk directory, a .json/.jsonl file, or a hub dataset id."""
+    """A datasets.save_to_disk directory, a .json/.jsonl/.csv/.parquet file (or a directory of them named by split), or a hub dataset id."""
     tokenizer_name: Optional[str] = None
     """Tokenizer directory or hub id (default: model_name_or_path)."""
     dataset_train_split: str = "train"
@@ -404,49 +406,103 @@ def load_tokenizer(script: ModelDataArguments, command: str):
         ) from e
 
 
-def _read_json_file(path: str):
-    """Rows (list of dicts) or splits ({split: rows}) from a .json / .jsonl file."""
+# File extension -> ``datasets`` packaged builder.
+DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+
+
+def _json_top_level(path: str):
+    """A .json file holding ``{split: rows}`` or ``{column: values}`` (which ``datasets``' json
+    builder reads as ONE row): ``("splits", names)`` / ``("columns", data)``; ``None`` for rows."""
     with open(path) as f:
-        if path.endswith(".jsonl"):
-            return [json.loads(line) for line in f if line.strip()]
+        head = ""
+        while not head:
+            chunk = f.read(4096)
+            if not chunk:
+                return None
+            head = chunk.lstrip()[:1]
+        if head != "{":
+            return None
+        f.seek(0)
         data = json.load(f)
-    if isinstance(data, list):
-        return data
-    if isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values()):
-        lengths = {len(v) for v in data.values()}
-        if all(isinstance(v, dict) for rows in data.values() for v in rows):
-            return {k: v for k, v in data.items()}  # splits of rows
-        if len(lengths) == 1:  # columns
-            return [dict(zip(data, vals)) for vals in zip(*data.values())]
-    raise ValueError(f"{path}: expected a list of rows, a dict of equal-length columns, or {{split: rows}}.")
+    if not isinstance(data, dict) or not data or not all(isinstance(v, list) for v in data.values()):
+        return None
+    if all(isinstance(row, dict) for rows in data.values() for row in rows):
+        return "splits", list(data)
+    if len({len(v) for v in data.values()}) == 1:
+        return "columns", data
+    raise ValueError(f"{path}: expected rows, {{split: rows}} or equal-length {{column: values}}.")
+
+
+def _load_data_file(path: str):
+    """A ``Dataset`` / ``DatasetDict`` from one local file, through ``datasets.load_dataset``
+    with the builder of its extension (json for .json/.jsonl, csv, parquet)."""
+    import datasets
+
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in DATA_FILE_BUILDERS:
+        raise ValueError(
+            f"--dataset_name {path!r}: unknown data file format {ext or '(no extension)'!r}; use one of "
+            f"{sorted(DATA_FILE_BUILDERS)}, a datasets.save_to_disk directory, or a directory of such files "
+            "named by split (train.jsonl, test.jsonl, ...)."
+        )
+    builder = DATA_FILE_BUILDERS[ext]
+    layout = _json_top_level(path) if ext == ".json" else None
+    if layout is not None and layout[0] == "splits":
+        return datasets.DatasetDict(
+            {k: datasets.load_dataset("json", data_files=path, field=k, split="train") for k in layout[1]})
+    if layout is not None:  # columns: the json builder would make one row of lists
+        return datasets.Dataset.from_dict(layout[1])
+    return datasets.load_dataset(builder, data_files=path, split="train")
+
+
+def _is_saved_dataset(path: str) -> bool:
+    """Whether ``path`` is a ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk`` directory."""
+    return any(os.path.isfile(os.path.join(path, name)) for name in ("dataset_dict.json", "state.json"))
 
 
 def load_dataset_splits(name: str, train_split: str = "train", test_split: Optional[str] = "test"):
-    """``(train, test_or_None)`` ``datasets.Dataset`` s from a save_to_disk directory, a
-    .json/.jsonl file or a hub id. A dataset without splits is all train."""
+    """``(train, test_or_None)`` ``datasets.Dataset`` s from a local data set or a hub id.
+
+    ``name`` is a ``save_to_disk`` directory (``datasets.load_from_disk``), a .json / .jsonl /
+    .csv / .parquet file (``datasets.load_dataset(builder, data_files=name)``; a .json file may
+    also hold ``{split: rows}``), a directory of such files named by split (``train.jsonl``,
+    ``test.csv``, ...: ``datasets.load_dataset(name)``), or a hub dataset id (needs internet).
+    A data set without splits is all train."""
     import datasets
 
     if os.path.isdir(name):
-        ds = datasets.load_from_disk(name)
+        ds = datasets.load_from_disk(name) if _is_saved_dataset(name) else _load_directory(name)
     elif os.path.isfile(name):
-        if not name.endswith((".json", ".jsonl")):
-            raise ValueError(f"--dataset_name {name!r}: files must be .json or .jsonl (or pass a save_to_disk directory).")
-        data = _read_json_file(name)
-        ds = (datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in data.items()})
-              if isinstance(data, dict) else datasets.Dataset.from_list(data))
+        ds = _load_data_file(name)
+    elif os.path.splitext(name)[1].lower() in DATA_FILE_BUILDERS:
+        raise ValueError(f"--dataset_name {name!r}: no such file.")
     else:
         try:
             ds = datasets.load_dataset(name)
         except Exception as e:  # noqa: BLE001 - offline, unknown id, ...
             raise ValueError(
-                f"--dataset_name {name!r} is not a local directory or .json/.jsonl file, and loading it from the hub "
-                f"failed ({type(e).__name__}: {str(e)[:300]})."
+                f"--dataset_name {name!r} is not a local directory or data file "
+                f"({'/'.join(sorted(DATA_FILE_BUILDERS))}), and loading it from the hub failed "
+                f"({type(e).__name__}: {str(e)[:300]})."
             ) from e
     if isinstance(ds, datasets.DatasetDict):
         if train_split not in ds:
             raise ValueError(f"Dataset {name!r} has no split {train_split!r} (splits: {list(ds)}); set --dataset_train_split.")
         return ds[train_split], (ds[test_split] if test_split and test_split in ds else None)
     return ds, None
+
+
+def _load_directory(path: str):
+    """A directory of data files (``datasets.load_dataset(path)`` infers splits from the names)."""
+    import datasets
+
+    files = [f for f in os.listdir(path) if os.path.splitext(f)[1].lower() in DATA_FILE_BUILDERS]
+    if not files:
+        raise ValueError(
+            f"--dataset_name {path!r}: the directory is neither a datasets.save_to_disk directory nor holds data "
+            f"files ({'/'.join(sorted(DATA_FILE_BUILDERS))}, named by split: train.jsonl, test.jsonl, ...)."
+        )
+    return datasets.load_dataset(path)
 
 
 def _json_safe(d: Dict[str, Any]) -> Dict[str, Any]:

@@ -167,10 +167,38 @@ def test_dataset_loading_from_files_and_directories(tmp_path, assets):
     assert cli.load_dataset_splits(str(cols))[0][1] == {"text": "b", "label": 1}
     with pytest.raises(ValueError, match="no split 'validation'"):
         cli.load_dataset_splits(str(assets / "pairs.json"), train_split="validation")
-    bad = tmp_path / "data.csv"
+
+
+def test_dataset_loading_every_file_format(tmp_path):
+    """JSON rows, JSONL, CSV and Parquet files go through datasets.load_dataset(builder, data_files=...);
+    a directory of files named by split gives those splits; unknown formats are a clear error."""
+    import datasets
+
+    rows = [{"text": "a good film", "label": 1}, {"text": "a dull film", "label": 0}]
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "rows.csv").write_text("text,label\na good film,1\na dull film,0\n")
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "rows.parquet"))
+    for name in ("rows.json", "rows.jsonl", "rows.csv", "rows.parquet"):
+        train, test = cli.load_dataset_splits(str(tmp_path / name))
+        assert test is None and train.to_list() == rows, name
+
+    split_dir = tmp_path / "by_split"
+    split_dir.mkdir()
+    (split_dir / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (split_dir / "test.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    train, test = cli.load_dataset_splits(str(split_dir))
+    assert len(train) == 2 and test.to_list() == rows[:1]
+
+    bad = tmp_path / "data.txt"
     bad.write_text("a,b\n")
-    with pytest.raises(ValueError, match=".json or .jsonl"):
+    with pytest.raises(ValueError, match=r"unknown data file format '.txt'.*\.csv.*\.jsonl.*\.parquet"):
         cli.load_dataset_splits(str(bad))
+    with pytest.raises(ValueError, match="no such file"):
+        cli.load_dataset_splits(str(tmp_path / "missing.csv"))
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(ValueError, match="neither a datasets.save_to_disk directory"):
+        cli.load_dataset_splits(str(tmp_path / "empty_dir"))
 
 
 # --------------------------------------------------------------------------
