@@ -70,7 +70,7 @@ def test_step_from_ids_and_texts_lowers_loss(tiny_tokenizer, model, tmp_path):
         stats = trainer.step(texts=TEXTS)
     after = trainer.evaluate(texts=TEXTS)["eval_loss"]
     assert after < 0.8 * mid, (mid, after)
-    assert int(trainer.state.step) == 36 and stats["learning_rate"] == pytest.approx(3e-3)
+    assert int(trainer.train_state.step) == 36 and stats["learning_rate"] == pytest.approx(3e-3)
     assert len(trainer.log_history) >= 12
 
 
@@ -149,4 +149,4 @@ def test_step_input_errors(tiny_tokenizer, model, tmp_path):
         trainer.step(input_ids=np.zeros((2, 3, 4), np.int32))
     with pytest.raises(ValueError, match="truncation_mode"):
         IterativeSFTTrainer(model, args(tmp_path), tiny_tokenizer, truncation_mode="middle")
-    assert trainer.state is None  # nothing ran
+    assert trainer.train_state is None  # nothing ran

@@ -399,10 +399,10 @@ def test_sft_trainer_on_a_mesh_matches_one_device_and_shards_its_state(tiny_toke
     sharded = run(S.make_mesh(data=2, fsdp=4, model=1), tmp_path / "mesh")
     losses = lambda t: [r["loss"] for r in t.log_history if "loss" in r]  # noqa: E731
     np.testing.assert_allclose(losses(sharded), losses(base), rtol=1e-5)
-    kernel = sharded.state.params["transformer"]["h_0"]["mlp"]["c_fc"]["kernel"]
+    kernel = sharded.params["transformer"]["h_0"]["mlp"]["c_fc"]["kernel"]
     assert "fsdp" in str(kernel.sharding.spec)
     assert kernel.addressable_shards[0].data.shape != kernel.shape  # really split across devices
-    np.testing.assert_allclose(np.asarray(kernel), np.asarray(base.state.params["transformer"]["h_0"]["mlp"]["c_fc"]["kernel"]), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(kernel), np.asarray(base.params["transformer"]["h_0"]["mlp"]["c_fc"]["kernel"]), atol=1e-5)
 
 
 def test_ppo_trainer_on_a_mesh_matches_one_device(tiny_tokenizer):
@@ -430,7 +430,7 @@ def test_ppo_trainer_on_a_mesh_matches_one_device(tiny_tokenizer):
     sharded, stats = run(S.make_mesh(2, 2, 2))
     for key in ("objective/kl", "ppo/loss/total", "ppo/policy/approxkl", "ppo/val/error", "ppo/returns/mean"):
         np.testing.assert_allclose(stats[key], base_stats[key], rtol=1e-4, atol=1e-6, err_msg=key)
-    kernel = sharded.state.params["transformer"]["h_0"]["mlp"]["c_fc"]["kernel"]
+    kernel = sharded.params["transformer"]["h_0"]["mlp"]["c_fc"]["kernel"]
     assert kernel.addressable_shards[0].data.shape != kernel.shape
     # 4 Adam updates (lr 1e-3) amplify reduction-order rounding: params agree to 5e-5
-    np.testing.assert_allclose(np.asarray(kernel), np.asarray(base.state.params["transformer"]["h_0"]["mlp"]["c_fc"]["kernel"]), atol=5e-5)
+    np.testing.assert_allclose(np.asarray(kernel), np.asarray(base.params["transformer"]["h_0"]["mlp"]["c_fc"]["kernel"]), atol=5e-5)

@@ -259,8 +259,8 @@ class IterativeSFTTrainer(Trainer):
         args = self.args
         accum = args.gradient_accumulation_steps
         size = args.train_batch_size
-        if self.state is None:
-            self.state = self.create_state()
+        if self.train_state is None:
+            self.train_state = self.create_state()
         if self._train_step is None:
             self._train_step = self._build_train_step()  # shards state and step when a mesh is set
         order = np.random.default_rng([args.seed, self._num_step_calls]).permutation(len(rows))
@@ -271,10 +271,10 @@ class IterativeSFTTrainer(Trainer):
             tokens = sum(_count(r) for r in mb)
             num_tokens += tokens
             batch = self._collate(mb, size, accum, tokens)
-            self.state, m = self._train_step(self.state, self._place_batch(batch))
+            self.train_state, m = self._train_step(self.train_state, self._place_batch(batch))
             metrics.append(m)
         metrics = jax.device_get(metrics)
-        step = int(self.state.step)
+        step = int(self.train_state.step)
         stats = {
             "loss": float(np.mean([m["loss"] for m in metrics])),
             "grad_norm": float(np.mean([m["grad_norm"] for m in metrics])),
