@@ -4,12 +4,37 @@ model and the jitted reward function used by PPO. The TRL-style shell is
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Tuple
+import warnings
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rljax.losses import reward_loss
+
+
+def pair_rewards(module: Any, params: Any, batch: Dict[str, jax.Array], rng: Optional[jax.Array] = None):
+    """``(r_chosen [B], r_rejected [B])``: one forward over the ``2B`` chosen-then-rejected rows
+    (TRL runs two forwards; same numbers). ``rng=None``: deterministic (no dropout)."""
+    n = batch["input_ids_chosen"].shape[0]
+    ids = jnp.concatenate([batch["input_ids_chosen"], batch["input_ids_rejected"]], axis=0)
+    mask = jnp.concatenate([batch["attention_mask_chosen"], batch["attention_mask_rejected"]], axis=0)
+    kwargs = {} if rng is None else {"rngs": {"dropout": rng}}
+    rewards = module.apply({"params": params}, ids, mask, deterministic=rng is None, **kwargs).logits[:, 0]
+    return rewards[:n], rewards[n:]
+
+
+def _loss_and_metrics(chosen: jax.Array, rejected: jax.Array, margin: Optional[jax.Array]):
+    loss = reward_loss(chosen, rejected, margin)
+    chosen, rejected = jax.lax.stop_gradient(chosen), jax.lax.stop_gradient(rejected)
+    metrics = {
+        "accuracy": jnp.mean((chosen >= rejected).astype(jnp.float32)),
+        "accuracy_strict": jnp.mean((chosen > rejected).astype(jnp.float32)),
+        "rewards_chosen": jnp.mean(chosen),
+        "rewards_rejected": jnp.mean(rejected),
+    }
+    return loss, metrics
 
 
 def make_reward_loss(module: Any) -> Callable:
@@ -17,24 +42,39 @@ def make_reward_loss(module: Any) -> Callable:
     (batch: see the module docstring; ``rng=None`` means evaluation, no dropout)."""
 
     def loss_fn(params, batch, rng):
-        n = batch["input_ids_chosen"].shape[0]
-        ids = jnp.concatenate([batch["input_ids_chosen"], batch["input_ids_rejected"]], axis=0)
-        mask = jnp.concatenate([batch["attention_mask_chosen"], batch["attention_mask_rejected"]], axis=0)
-        kwargs = {} if rng is None else {"rngs": {"dropout": rng}}
-        out = module.apply({"params": params}, ids, mask, deterministic=rng is None, **kwargs)
-        rewards = out.logits[:, 0]
-        chosen, rejected = rewards[:n], rewards[n:]
-        loss = reward_loss(chosen, rejected, batch.get("margin"))
-        chosen, rejected = jax.lax.stop_gradient(chosen), jax.lax.stop_gradient(rejected)
-        metrics = {
-            "accuracy": jnp.mean((chosen >= rejected).astype(jnp.float32)),
-            "accuracy_strict": jnp.mean((chosen > rejected).astype(jnp.float32)),
-            "rewards_chosen": jnp.mean(chosen),
-            "rewards_rejected": jnp.mean(rejected),
-        }
-        return loss, metrics
+        chosen, rejected = pair_rewards(module, params, batch, rng)
+        return _loss_and_metrics(chosen, rejected, batch.get("margin"))
 
     return loss_fn
+
+
+def make_reward_predict(module: Any) -> Callable:
+    """``predict(params, batch) -> (metrics incl. loss, predictions [B, 2], labels [B])``, TRL's
+    ``RewardTrainer.prediction_step``: predictions are ``softmax([r_chosen, r_rejected])`` per
+    pair, labels are 0 (the chosen side)."""
+
+    def predict(params, batch):
+        chosen, rejected = pair_rewards(module, params, batch)
+        loss, metrics = _loss_and_metrics(chosen, rejected, batch.get("margin"))
+        preds = jax.nn.softmax(jnp.stack([chosen, rejected], axis=-1), axis=-1)
+        return dict(metrics, loss=loss), preds, jnp.zeros(chosen.shape, jnp.int32)
+
+    return predict
+
+
+def compute_accuracy(eval_pred) -> Dict[str, float]:
+    """TRL's ``compute_accuracy``: the share of rows whose argmax of ``predictions [N, 2]`` equals
+    the label (``eval_pred`` unpacks as ``(predictions, label_ids)``; ties pick column 0, the
+    chosen side, with a warning)."""
+    predictions, labels = eval_pred
+    predictions, labels = np.asarray(predictions), np.asarray(labels)
+    ties = int(np.sum(predictions[:, 0] == predictions[:, 1]))
+    if ties:
+        warnings.warn(
+            f"There are {ties} out of {len(predictions)} instances where the predictions for both options are equal. "
+            "As a consequence the accuracy can be misleading."
+        )
+    return {"accuracy": float(np.mean(np.argmax(predictions, axis=1) == labels))}
 
 
 def as_score_model(model: Any, params: Any = None, *, seed: int = 0) -> Tuple[Any, Any]:

@@ -53,7 +53,7 @@ def config(tmp_path, **kw):
     base = dict(
         output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, per_device_eval_batch_size=16,
         learning_rate=3e-3, max_steps=40, logging_steps=20, save_strategy="no", disable_tqdm=True,
-        lr_scheduler_type="constant", seed=0, max_length=64,
+        lr_scheduler_type="constant", seed=0, max_length=64, remove_unused_columns=False,
     )
     base.update(kw)
     return RewardConfig(**base)
@@ -64,7 +64,8 @@ def test_reward_model_learns_preference(tiny_tokenizer, score_model, tmp_path):
     held_out = tokenize_preference_dataset(preference_rows(32, 1), tiny_tokenizer)
     trainer = RewardTrainer(score_model, config(tmp_path), train_dataset=train, eval_dataset=held_out, tokenizer=tiny_tokenizer)
     before = trainer.evaluate()
-    assert set(before) == {"eval_loss", "eval_accuracy", "eval_accuracy_strict", "eval_rewards_chosen", "eval_rewards_rejected"}
+    assert set(before) == {"eval_loss", "eval_accuracy", "eval_accuracy_strict", "eval_rewards_chosen", "eval_rewards_rejected",
+                           "eval_runtime", "eval_samples_per_second", "eval_steps_per_second"}
     out = trainer.train()
     after = trainer.evaluate()
     assert after["eval_accuracy"] >= 0.9 and after["eval_accuracy_strict"] >= 0.9, after

@@ -31,11 +31,16 @@ import dataclasses
 import warnings
 from typing import Any, Callable, Dict, Optional, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from rljax import data as D
-from rljax.reward import as_score_model, make_reward_loss
-from rljax.trainers.base import Trainer, TrainingArguments
+from rljax.losses import reward_loss
+from rljax.reward import as_score_model, compute_accuracy, make_reward_loss, make_reward_predict
+from rljax.trainers.base import Trainer, TrainingArguments, model_object_of, reject_peft
+
+__all__ = ["RewardConfig", "RewardTrainer", "compute_accuracy", "REWARD_COLUMNS"]
 
 REWARD_COLUMNS = ("input_ids_chosen", "attention_mask_chosen", "input_ids_rejected", "attention_mask_rejected")
 
@@ -71,11 +76,18 @@ def _check_columns(dataset: Any, which: str) -> None:
 class RewardTrainer(Trainer):
     """TRL's RewardTrainer: ``RewardTrainer(model, args, train_dataset=..., tokenizer=...)``.
 
-    ``model``: see :func:`as_score_model`. Datasets carry TRL's tokenized columns
-    (``input_ids_chosen``, ``attention_mask_chosen``, ``input_ids_rejected``,
-    ``attention_mask_rejected``, optional ``margin``). ``data_collator`` defaults to
-    :class:`rljax.data.RewardDataCollatorWithPadding` (bucketed static lengths).
+    ``model``: see :func:`as_score_model` (e.g. ``rljax.models.AutoModelForSequenceClassification
+    .from_pretrained(path, num_labels=1)``; such a model object gets the trained params at the
+    end of ``train()``). Datasets carry TRL's tokenized columns (``input_ids_chosen``,
+    ``attention_mask_chosen``, ``input_ids_rejected``, ``attention_mask_rejected``, optional
+    ``margin``). ``data_collator`` defaults to :class:`rljax.data.RewardDataCollatorWithPadding`
+    (bucketed static lengths). ``compute_metrics`` defaults to TRL's :func:`compute_accuracy`
+    over ``predict``-style predictions (``softmax([r_chosen, r_rejected])``, labels 0);
+    ``callbacks`` / ``optimizers`` / ``preprocess_logits_for_metrics``: see
+    :class:`rljax.trainers.base.Trainer`. ``peft_config`` must be None (PEFT is not supported yet).
     """
+
+    _tag_names = ["trl", "reward-trainer"]
 
     def __init__(
         self,
@@ -85,47 +97,86 @@ class RewardTrainer(Trainer):
         train_dataset: Any = None,
         eval_dataset: Any = None,
         tokenizer: Any = None,
-        params: Any = None,
-        mesh: Any = None,
-        max_length: Optional[int] = None,
-        model_init: Any = None,
+        model_init: Optional[Callable[[], Any]] = None,
         compute_metrics: Optional[Callable] = None,
         callbacks: Any = None,
         optimizers: Any = (None, None),
         preprocess_logits_for_metrics: Optional[Callable] = None,
+        max_length: Optional[int] = None,
         peft_config: Any = None,
+        params: Any = None,
+        mesh: Any = None,
     ):
-        for name, value in (("model_init", model_init), ("compute_metrics", compute_metrics), ("callbacks", callbacks),
-                            ("preprocess_logits_for_metrics", preprocess_logits_for_metrics), ("peft_config", peft_config)):
-            if value is not None:
-                raise ValueError(f"{name} is not supported by rljax's RewardTrainer.")
-        if optimizers is not None and any(o is not None for o in optimizers):
-            raise ValueError("custom optimizers are not supported; set the optimizer through RewardConfig (AdamW fields).")
+        reject_peft(peft_config, "RewardTrainer")
         args = args if args is not None else RewardConfig()
         if not isinstance(args, RewardConfig):
+            warnings.warn("Using TrainingArguments for `args` is deprecated in TRL; use RewardConfig instead.", FutureWarning)
             args = RewardConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingArguments)})
         if max_length is not None:
             if args.max_length is not None and args.max_length != max_length:
                 raise ValueError("max_length is set both on RewardTrainer and on RewardConfig; set it on RewardConfig only.")
             warnings.warn("RewardTrainer(max_length=...) is deprecated in TRL; set RewardConfig.max_length.", FutureWarning)
             args = dataclasses.replace(args, max_length=max_length)
+        if model is None and model_init is not None:
+            model = model_init()
         if model is None:
             raise ValueError("RewardTrainer needs a model (checkpoint path, (module, params), or a loaded model).")
+        if compute_metrics is None:
+            compute_metrics = compute_accuracy
+        self.use_reward_data_collator = data_collator is None
         if data_collator is None:
             if tokenizer is None:
                 raise ValueError("The default RewardDataCollatorWithPadding needs a tokenizer (for its pad token).")
+            if args.max_length is None:
+                warnings.warn(
+                    "When using RewardDataCollatorWithPadding, you should set `max_length` in RewardConfig. It will be "
+                    "set to `512` by default, but you should do it yourself in the future.", UserWarning,
+                )
+            if args.remove_unused_columns:
+                args = dataclasses.replace(args, remove_unused_columns=False)
+                warnings.warn(
+                    "When using RewardDataCollatorWithPadding, you should set `remove_unused_columns=False` in your "
+                    "RewardConfig; we have set it for you, but you should do it yourself in the future.", UserWarning,
+                )
             D.ensure_pad_token(tokenizer)
             data_collator = D.RewardDataCollatorWithPadding(
                 tokenizer, max_length=args.max_length or 512, pad_to_multiple_of=args.pad_to_multiple_of
             )
         for ds, which in ((train_dataset, "train"), (eval_dataset, "eval")):
-            if ds is not None:
-                _check_columns(ds, which)
+            for one in (ds.values() if isinstance(ds, dict) else [ds]):
+                if one is not None:
+                    _check_columns(one, which)
         module, params = as_score_model(model, params, seed=args.seed)
-        super().__init__(module, params, args, train_dataset, eval_dataset, mesh=mesh)
+        wrapper = model_object_of(model)
+        if wrapper is not None and wrapper.module is not module:  # a causal LM turned into a score model
+            wrapper = None
+        super().__init__(
+            module, params, args, train_dataset, eval_dataset, mesh=mesh, model_object=wrapper, callbacks=callbacks,
+            compute_metrics=compute_metrics, optimizers=optimizers,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+        )
         self.tokenizer = tokenizer
         self.data_collator = data_collator
         self.loss_fn = make_reward_loss(module)
+        self.predict_fn = make_reward_predict(module)
+        self._score = jax.jit(lambda p, ids, mask: module.apply({"params": p}, ids, mask).logits)
+
+    def compute_loss(self, model: Any, inputs: Dict[str, Any], return_outputs: bool = False):
+        """TRL's ``compute_loss``: ``loss`` (or ``(loss, {"rewards_chosen": [B, 1],
+        "rewards_rejected": [B, 1]})``) for a collated batch. ``model``: ``trainer.model`` (the
+        current params), a model object with ``.params``, or a params pytree."""
+        if model is self.model or model is self.module:
+            params = self.params
+        elif hasattr(model, "params") and not isinstance(model, dict):
+            params = model.params
+        else:
+            params = model
+        chosen = self._score(params, jnp.asarray(inputs["input_ids_chosen"]), jnp.asarray(inputs["attention_mask_chosen"]))
+        rejected = self._score(params, jnp.asarray(inputs["input_ids_rejected"]), jnp.asarray(inputs["attention_mask_rejected"]))
+        loss = reward_loss(chosen, rejected, inputs.get("margin"))
+        if return_outputs:
+            return loss, {"rewards_chosen": chosen, "rewards_rejected": rejected}
+        return loss
 
     def collate(self, examples: Sequence[dict]) -> Dict[str, np.ndarray]:
         batch = dict(self.data_collator(list(examples)))
@@ -142,12 +193,21 @@ class RewardTrainer(Trainer):
                     batch[k] = np.pad(x, ((0, 0), (extra, 0) if left else (0, extra)), constant_values=value)
         return batch
 
-    def evaluate(self, eval_dataset=None, metric_key_prefix: str = "eval") -> Dict[str, float]:
-        """Mean loss and metrics over the eval set: ``eval_loss``, ``eval_accuracy``,
-        ``eval_accuracy_strict``, ``eval_rewards_chosen``, ``eval_rewards_rejected``."""
+    def evaluate(self, eval_dataset=None, metric_key_prefix: str = "eval", *, ignore_keys=None) -> Dict[str, float]:
+        """Mean loss and metrics over the eval set: ``eval_loss``, ``eval_accuracy`` (TRL's
+        ``compute_accuracy``, ties count as correct), ``eval_accuracy_strict``,
+        ``eval_rewards_chosen``, ``eval_rewards_rejected``, plus HF's ``eval_runtime`` /
+        ``eval_samples_per_second`` / ``eval_steps_per_second``."""
         if eval_dataset is not None:
-            _check_columns(eval_dataset, "eval")
+            for one in (eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset]):
+                _check_columns(one, "eval")
         return super().evaluate(eval_dataset, metric_key_prefix)
+
+    def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test"):
+        """``PredictionOutput``: ``predictions [N, 2]`` (``softmax([r_chosen, r_rejected])``, as
+        TRL), ``label_ids [N]`` (zeros), ``metrics`` (``test_loss``, ``test_accuracy``, ...)."""
+        _check_columns(test_dataset, "test")
+        return super().predict(test_dataset, ignore_keys, metric_key_prefix)
 
     def _save(self, output_dir: str) -> None:
         """HF ``*ForSequenceClassification`` directory (+ tokenizer). The tokenizer's pad id is
@@ -155,7 +215,7 @@ class RewardTrainer(Trainer):
         to find the last token of padded rows."""
         from rljax.models import save_pretrained
 
-        module = self.model
+        module = self.module
         pad_id = getattr(self.tokenizer, "pad_token_id", None)
         if getattr(module.config, "pad_token_id", None) is None and pad_id is not None:
             module = module.clone(config=dataclasses.replace(module.config, pad_token_id=int(pad_id)))
