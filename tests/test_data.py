@@ -12,7 +12,9 @@ import pytest
 
 from rljax.data import (
     BatchIterator,
+    ConstantLengthDataset,
     DataCollatorForCompletionOnlyLM,
+    DataCollatorForLanguageModeling,
     DPODataCollatorWithPadding,
     RewardDataCollatorWithPadding,
     bucket_length,
@@ -20,6 +22,7 @@ from rljax.data import (
     concatenated_inputs,
     dpo_tokenize_row,
     ensure_pad_token,
+    get_formatting_func_from_dataset,
     iter_packed_sequences,
     pack_sequences,
     pad_sequences,
@@ -96,7 +99,7 @@ def test_ensure_pad_token(tiny_tokenizer):
     assert tok.pad_token_id is None
     with pytest.raises(ValueError, match=r"tokenizer\.pad_token = tokenizer\.eos_token"):
         ensure_pad_token(tok)
-    assert ensure_pad_token(tok, set_to_eos=True) == EOS  # SFTTrainer's silent fallback
+    assert ensure_pad_token(tok, set_to_eos=True) == EOS  # what SFTTrainer does to a tokenizer it loads
     assert tok.pad_token_id == EOS
 
 
@@ -186,10 +189,42 @@ def test_pack_sequences_dataset_field_and_func(tiny_tokenizer):
     by_func = pack_sequences(ds, tiny_tokenizer, 2, formatting_func=lambda ex: ex["q"], shuffle=False)
     expected = [ids(tiny_tokenizer, "x") + [EOS], ids(tiny_tokenizer, "y") + [EOS]]
     np.testing.assert_array_equal(by_func["input_ids"], expected)
-    with pytest.raises(ValueError, match="at least one packed sequence"):
-        pack_sequences(["a"], tiny_tokenizer, 64)
+    # too little text: an empty result (TRL's ConstantLengthDataset is an empty iterable)
+    empty = pack_sequences(["a"], tiny_tokenizer, 64)
+    assert empty["input_ids"].shape == (0, 64) and empty["labels"].shape == (0, 64)
     with pytest.raises(ValueError, match="dataset_text_field"):
         pack_sequences(ds, tiny_tokenizer, 2)
+
+
+def test_constant_length_dataset_matches_pack_sequences(tiny_tokenizer):
+    texts = [{"t": f"text number {i}"} for i in range(20)]
+    cld = ConstantLengthDataset(tiny_tokenizer, texts, dataset_text_field="t", seq_length=8, shuffle=False)
+    assert len(cld) == 20 and not cld.infinite  # TRL: len is the text dataset's
+    rows = list(cld)
+    packed = pack_sequences(texts, tiny_tokenizer, 8, dataset_text_field="t", shuffle=False)
+    np.testing.assert_array_equal(np.stack([r["input_ids"] for r in rows]), packed["input_ids"])
+    assert all(set(r) == {"input_ids", "labels"} for r in rows)
+    cld.infinite = True
+    it = iter(cld)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert len([next(it) for _ in range(3 * len(rows))]) == 3 * len(rows)  # endless
+
+
+def test_formatting_func_from_chat_and_instruction_datasets(tiny_tokenizer):
+    from datasets import Dataset
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    chat = Dataset.from_dict({"messages": [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]]})
+    func = get_formatting_func_from_dataset(chat, tok)
+    assert func(chat[:1]) == ["<user>hi<assistant>yo"] and func(chat[0]) == "<user>hi<assistant>yo"
+    inst = Dataset.from_list([{"prompt": "2+2?", "completion": "4"}])
+    assert get_formatting_func_from_dataset(inst, tok)(inst[:1]) == ["<user>2+2?<assistant>4"]
+    assert get_formatting_func_from_dataset([{"prompt": "a", "completion": "b"}], tok) is not None
+    assert get_formatting_func_from_dataset(Dataset.from_dict({"text": ["x"]}), tok) is None
+    with pytest.raises(ValueError, match="chat_template"):
+        get_formatting_func_from_dataset(chat, tiny_tokenizer)
 
 
 class _ZeroEosTokenizer:
@@ -242,6 +277,35 @@ def test_collate_lm_pad_equals_eos_masks_eos_and_keep_labels():
     np.testing.assert_array_equal(kept["labels"], [[-100, 6, -100, -100]])
 
 
+def test_lm_collators_follow_padding_side_and_need_pad_only_to_pad(tiny_tokenizer):
+    left = copy.deepcopy(tiny_tokenizer)
+    left.padding_side = "left"
+    b = DataCollatorForLanguageModeling(left, pad_to_multiple_of=4)([[5, 6, 7], {"input_ids": [8, 9]}])
+    np.testing.assert_array_equal(b["input_ids"], [[PAD, 5, 6, 7], [PAD, PAD, 8, 9]])
+    np.testing.assert_array_equal(b["attention_mask"], [[0, 1, 1, 1], [0, 0, 1, 1]])
+    np.testing.assert_array_equal(b["labels"], [[-100, 5, 6, 7], [-100, -100, 8, 9]])
+    no_pad = copy.deepcopy(tiny_tokenizer)
+    no_pad.pad_token = None
+    coll = DataCollatorForLanguageModeling(no_pad, pad_to_multiple_of=4)
+    same = coll([[5, 6, 7], [8, 9, 10]])  # equal lengths: no padding in TRL's sense, no pad token needed
+    np.testing.assert_array_equal(same["labels"], [[5, 6, 7, -100], [8, 9, 10, -100]])
+    np.testing.assert_array_equal(same["attention_mask"][:, 3], [0, 0])
+    with pytest.raises(ValueError, match="Asking to pad but the tokenizer does not have a padding token"):
+        coll([[5, 6, 7], [8]])
+    completion = DataCollatorForCompletionOnlyLM([6], tokenizer=no_pad, pad_to_multiple_of=4)
+    np.testing.assert_array_equal(completion([[5, 6, 7]])["labels"], [[-100, -100, 7, -100]])
+    with pytest.raises(ValueError, match="padding token"):
+        completion([[5, 6, 7], [6, 8]])
+    with pytest.raises(ValueError, match="mlm"):
+        DataCollatorForLanguageModeling(tiny_tokenizer, mlm=True)
+
+
+def test_completion_only_takes_tokenizer_positionally_and_torch_call(tiny_tokenizer):
+    coll = DataCollatorForCompletionOnlyLM([50, 51], None, tiny_tokenizer, ignore_index=-1, pad_to_multiple_of=8)
+    out = coll.torch_call([[10, 50, 51, 30]])
+    np.testing.assert_array_equal(out["labels"][0], [-1, -1, -1, 30] + [-100] * 4)  # pads keep -100, as TRL
+
+
 def test_completion_only_single_turn_masks_through_last_template(tiny_tokenizer):
     coll = DataCollatorForCompletionOnlyLM([50, 51], tokenizer=tiny_tokenizer, pad_to_multiple_of=8)
     batch = coll([[10, 50, 51, 20, 50, 51, 30, 31], [50, 51, 40]])
@@ -275,12 +339,12 @@ def test_completion_only_multi_turn(tiny_tokenizer):
 def test_completion_only_template_not_found_warns_and_ignores_row(tiny_tokenizer):
     coll = DataCollatorForCompletionOnlyLM("### Assistant:", tokenizer=tiny_tokenizer, pad_to_multiple_of=8)
     found = tiny_tokenizer("### Assistant: ok")["input_ids"]
-    with pytest.warns(UserWarning, match="'### Assistant:'"):
+    with pytest.warns(UserWarning, match="Could not find response key `### Assistant:`"):
         labels = coll([ids(tiny_tokenizer, "no template here"), found])["labels"]
     assert (labels[0] == -100).all()
     assert (labels[1] != -100).sum() == 3  # " ok"
     multi = DataCollatorForCompletionOnlyLM([50], [60], tokenizer=tiny_tokenizer, pad_to_multiple_of=8)
-    with pytest.warns(UserWarning, match="instruction template"):
+    with pytest.warns(UserWarning, match="Could not find instruction key"):
         labels = multi([[10, 50, 20]])["labels"]
     assert (labels == -100).all()
 

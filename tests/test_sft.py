@@ -139,7 +139,7 @@ def test_sft_gradient_accumulation_matches_full_batch(tiny_tokenizer, tmp_path, 
 def test_sft_bad_inputs(tiny_tokenizer, tmp_path, model):
     with pytest.raises(ValueError, match="dataset_text_field"):
         SFTTrainer(model, config(tmp_path, dataset_text_field="content"), train_dataset=corpus(8, 0), tokenizer=tiny_tokenizer)
-    with pytest.raises(ValueError, match="dataset_text_field or formatting_func"):
+    with pytest.raises(ValueError, match="`dataset_text_field` or `formatting_func`"):
         SFTTrainer(model, config(tmp_path, dataset_text_field=None, packing=True), train_dataset=corpus(8, 0), tokenizer=tiny_tokenizer)
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("x")

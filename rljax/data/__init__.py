@@ -22,7 +22,8 @@ Deliberate differences from TRL 0.7.11 (also listed in the README):
   fix instead of a ``KeyError`` deep inside ``datasets.map``.
 
 The package is split by concern: :mod:`~rljax.data.padding`, :mod:`~rljax.data.tokenize`,
-:mod:`~rljax.data.packing`, :mod:`~rljax.data.collators`, :mod:`~rljax.data.batching`;
+:mod:`~rljax.data.packing`, :mod:`~rljax.data.collators`, :mod:`~rljax.data.batching`,
+:mod:`~rljax.data.formatting` (chat / instruction datasets through the chat template);
 every public name is re-exported here.
 """
 from rljax.data.batching import (  # noqa: F401
@@ -31,6 +32,7 @@ from rljax.data.batching import (  # noqa: F401
 from rljax.data.collators import (  # noqa: F401
     _REWARD_KEYS,
     DataCollatorForCompletionOnlyLM,
+    DataCollatorForLanguageModeling,
     DPODataCollatorWithPadding,
     RewardDataCollatorWithPadding,
     _find_template,
@@ -38,18 +40,26 @@ from rljax.data.collators import (  # noqa: F401
     collate_lm,
     concatenated_inputs,
 )
+from rljax.data.formatting import (  # noqa: F401
+    conversations_formatting_function,
+    get_formatting_func_from_dataset,
+    instructions_formatting_function,
+)
 from rljax.data.packing import (  # noqa: F401
+    ConstantLengthDataset,
     _packing_texts,
     iter_packed_sequences,
     pack_sequences,
 )
 from rljax.data.padding import (  # noqa: F401
     DEFAULT_PAD_MULTIPLE,
+    NO_PAD_TOKEN_MESSAGE,
     Example,
     IntSeq,
     _multiple,
     _no_pad_token_error,
     bucket_length,
+    check_padding_side,
     ensure_pad_token,
     pad_sequences,
     truncate_sequences,

@@ -23,7 +23,7 @@ from rljax.data.padding import (
     _multiple,
     _no_pad_token_error,
     bucket_length,
-    ensure_pad_token,
+    check_padding_side,
     pad_sequences,
 )
 
@@ -36,43 +36,97 @@ def _ids_of(example: Example) -> List[int]:
 
 def collate_lm(
     examples: Sequence[Example],
-    pad_token_id: int,
+    pad_token_id: Optional[int],
     *,
     max_length: Optional[int] = None,
     pad_to_multiple_of: Optional[int] = None,
     label_pad_token_id: int = -100,
     keep_labels: bool = False,
+    padding_side: str = "right",
 ) -> Dict[str, np.ndarray]:
-    """DataCollatorForLanguageModeling(mlm=False): right-pad and build labels.
+    """DataCollatorForLanguageModeling(mlm=False): pad and build labels.
 
     ``examples``: token-id lists or dicts with ``input_ids`` (and optionally
     ``attention_mask``, ``labels``). Output arrays are ``[batch, L]`` int32 with
-    ``L = bucket_length(longest, pad_to_multiple_of, max_length)``:
+    ``L = bucket_length(longest, pad_to_multiple_of, max_length)``, padded on
+    ``padding_side`` (``"right"`` or ``"left"``, as ``tokenizer.padding_side``):
 
     * ``input_ids``: padded with ``pad_token_id``;
     * ``attention_mask``: the example's mask (or ones), padded with 0;
     * ``labels``: ``input_ids`` with every ``pad_token_id`` set to
       ``label_pad_token_id`` (as HF does: if pad == eos, real eos tokens are
-      masked too). With ``keep_labels=True`` the examples' own ``labels`` are
-      used instead (padded with ``label_pad_token_id``), which IterativeSFT
-      needs for ``texts_labels``.
+      masked too), and every added position ``label_pad_token_id``. With
+      ``keep_labels=True`` the examples' own ``labels`` are used instead (padded
+      with ``label_pad_token_id``), which IterativeSFT needs for ``texts_labels``.
+
+    A pad token is needed only when the examples differ in length (as HF's
+    collators); equal-length rows widened to the bucket get filler id 0 at
+    positions that are masked out and labelled ``label_pad_token_id``.
+
+    Raises:
+        ValueError: examples of different lengths and ``pad_token_id`` is None
+            (HF's "Asking to pad but the tokenizer does not have a padding token" message).
     """
-    if pad_token_id is None:
-        raise _no_pad_token_error()
+    side = check_padding_side(padding_side)
     ids = [_ids_of(ex) for ex in examples]
-    length = bucket_length(max((len(x) for x in ids), default=0), _multiple(pad_to_multiple_of), max_length)
-    input_ids = pad_sequences(ids, pad_token_id, "right", length)
+    lengths = {len(x) for x in ids}
+    if pad_token_id is None and len(lengths) > 1:
+        raise _no_pad_token_error()
+    fill = 0 if pad_token_id is None else int(pad_token_id)
+    length = bucket_length(max(lengths, default=0), _multiple(pad_to_multiple_of), max_length)
+    input_ids = pad_sequences(ids, fill, side, length)
+    real = pad_sequences([np.ones(len(x), np.int32) for x in ids], 0, side, length).astype(bool)
     if examples and isinstance(examples[0], Mapping) and "attention_mask" in examples[0]:
         masks = [np.asarray(ex["attention_mask"]).reshape(-1) for ex in examples]
+        attention_mask = pad_sequences(masks, 0, side, length)
     else:
-        masks = [np.ones(len(x), np.int32) for x in ids]
-    attention_mask = pad_sequences(masks, 0, "right", length)
+        attention_mask = real.astype(np.int32)
     if keep_labels:
         own = [np.asarray(ex["labels"]).reshape(-1) for ex in examples]
-        labels = pad_sequences(own, label_pad_token_id, "right", length)
+        labels = pad_sequences(own, label_pad_token_id, side, length)
     else:
-        labels = np.where(input_ids == pad_token_id, label_pad_token_id, input_ids).astype(np.int32)
+        keep = real if pad_token_id is None else real & (input_ids != pad_token_id)
+        labels = np.where(keep, input_ids, label_pad_token_id).astype(np.int32)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class DataCollatorForLanguageModeling:
+    """transformers' ``DataCollatorForLanguageModeling(tokenizer, mlm=False)`` returning NumPy.
+
+    Pads on ``tokenizer.padding_side`` to a bucketed width (``pad_to_multiple_of``,
+    default :data:`~rljax.data.padding.DEFAULT_PAD_MULTIPLE`, capped at ``max_length``)
+    and builds labels as :func:`collate_lm`. The tokenizer's pad token is read at
+    collation, and needed only when the examples differ in length (as HF).
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        mlm: bool = False,
+        *,
+        pad_to_multiple_of: Optional[int] = None,
+        max_length: Optional[int] = None,
+        return_tensors: str = "np",
+    ):
+        if mlm:
+            raise ValueError("mlm=True (masked language modelling) is not supported: rljax trains causal LMs; pass mlm=False.")
+        if return_tensors != "np":
+            raise ValueError(f"rljax collators return NumPy arrays; got return_tensors={return_tensors!r}, use 'np'.")
+        self.tokenizer = tokenizer
+        self.mlm = False
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.max_length = max_length
+
+    def __call__(self, examples: Sequence[Example]) -> Dict[str, np.ndarray]:
+        return collate_lm(
+            examples, getattr(self.tokenizer, "pad_token_id", None), max_length=self.max_length,
+            pad_to_multiple_of=self.pad_to_multiple_of,
+            padding_side=getattr(self.tokenizer, "padding_side", "right"),
+        )
+
+    # transformers' collators dispatch on the framework; these are the same NumPy call.
+    numpy_call = __call__
+    torch_call = __call__
 
 
 def _find_template(row: np.ndarray, template: Sequence[int]) -> List[int]:
@@ -85,39 +139,47 @@ def _find_template(row: np.ndarray, template: Sequence[int]) -> List[int]:
     return starts
 
 
-class DataCollatorForCompletionOnlyLM:
+class DataCollatorForCompletionOnlyLM(DataCollatorForLanguageModeling):
     """Mask everything but the completions out of the LM labels (TRL 0.7.11 semantics).
+
+    ``DataCollatorForCompletionOnlyLM(response_template, instruction_template=None,
+    tokenizer, mlm=False, ignore_index=-100, pad_to_multiple_of=None)``; the tokenizer
+    may be the third positional argument or a keyword, as in TRL.
 
     Templates are strings (encoded with ``add_special_tokens=False``) or token
     id lists (use ids when the tokenizer encodes the template differently in
-    context). Matching is done on the labels (pads already -100).
+    context). Matching is done on the labels (pads already ``-100``).
 
     * Single-turn (no ``instruction_template``): labels up to the end of the
       LAST occurrence of the response template are ``ignore_index``.
     * Multi-turn: each human turn ``[instruction start, end of the following
       response template)`` is ignored (the first from position 0); a trailing
       human turn without a response is ignored to the end.
-    * A template not found: ``warnings.warn`` naming it, and the whole row is
-      ``ignore_index``.
+    * A template not found: a warning naming it (TRL's wording), and the whole
+      row is ``ignore_index``.
 
     ``__call__(examples) -> {"input_ids", "attention_mask", "labels"}``, each
-    ``[batch, L]`` int32, padded as :func:`collate_lm`.
+    ``[batch, L]`` int32, padded as :class:`DataCollatorForLanguageModeling`
+    (``tokenizer.padding_side``; a pad token only when rows differ in length).
+    ``torch_call`` / ``numpy_call`` are the same call (TRL's tests call ``torch_call``).
     """
 
     def __init__(
         self,
         response_template: Union[str, Sequence[int]],
         instruction_template: Optional[Union[str, Sequence[int]]] = None,
+        tokenizer: Any = None,
         *,
-        tokenizer: Any,
+        mlm: bool = False,
         ignore_index: int = -100,
         max_length: Optional[int] = None,
         pad_to_multiple_of: Optional[int] = None,
-        mlm: bool = False,
+        return_tensors: str = "np",
     ):
-        if mlm:
-            raise ValueError("mlm=True is not supported (TRL's collator ignores it as well; causal LMs only).")
-        self.tokenizer = tokenizer
+        if tokenizer is None:
+            raise ValueError("DataCollatorForCompletionOnlyLM needs tokenizer=... (it encodes the templates and pads).")
+        super().__init__(tokenizer, mlm, pad_to_multiple_of=pad_to_multiple_of, max_length=max_length,
+                         return_tensors=return_tensors)
         self.response_template = response_template
         self.instruction_template = instruction_template
         self.response_token_ids = self._encode(response_template)
@@ -127,12 +189,11 @@ class DataCollatorForCompletionOnlyLM:
         if self.instruction_token_ids is not None and not self.instruction_token_ids:
             raise ValueError(f"instruction_template {instruction_template!r} encodes to no tokens")
         self.ignore_index = ignore_index
-        self.max_length = max_length
-        self.pad_to_multiple_of = pad_to_multiple_of
-        if instruction_template is not None and tokenizer.pad_token_id == tokenizer.eos_token_id:
+        if instruction_template and tokenizer.pad_token_id == tokenizer.eos_token_id:
             warnings.warn(
-                "pad_token_id equals eos_token_id: in multi-turn training the eos labels are masked as padding, "
-                "so the model may never learn to stop. Use a pad token different from eos."
+                "The pad_token_id and eos_token_id values of this tokenizer are identical. If you are planning for "
+                "multi-turn training, it can result in the model continuously generating questions and answers "
+                "without eos token. To avoid this, set the pad_token_id to a different value."
             )
 
     def _encode(self, template: Union[str, Sequence[int]]) -> List[int]:
@@ -143,15 +204,13 @@ class DataCollatorForCompletionOnlyLM:
     def _not_found(self, kind: str, template: Any, ids: np.ndarray, mask: np.ndarray) -> None:
         text = self.tokenizer.decode(ids[mask.astype(bool)].tolist())
         warnings.warn(
-            f"Could not find {kind} template {template!r} in the example {text!r}. The whole example is "
-            f"ignored in the loss (labels = {self.ignore_index}). If this happens often, increase max_seq_length."
+            f"Could not find {kind} key `{template}` in the following instance: {text} "
+            f"This instance will be ignored in loss calculation (labels = {self.ignore_index}). "
+            "Note, if this happens often, consider increasing the `max_seq_length`."
         )
 
     def __call__(self, examples: Sequence[Example]) -> Dict[str, np.ndarray]:
-        pad_id = ensure_pad_token(self.tokenizer)
-        batch = collate_lm(
-            examples, pad_id, max_length=self.max_length, pad_to_multiple_of=self.pad_to_multiple_of
-        )
+        batch = super().__call__(examples)
         labels = batch["labels"]
         for i in range(labels.shape[0]):
             ids_i, mask_i = batch["input_ids"][i], batch["attention_mask"][i]
@@ -182,6 +241,9 @@ class DataCollatorForCompletionOnlyLM:
         batch["labels"] = labels
         return batch
 
+    numpy_call = __call__
+    torch_call = __call__
+
 
 _REWARD_KEYS = ("input_ids_chosen", "attention_mask_chosen", "input_ids_rejected", "attention_mask_rejected")
 
@@ -211,9 +273,14 @@ class RewardDataCollatorWithPadding:
                 raise ValueError(
                     f"Reward features must include {', '.join(_REWARD_KEYS)}; missing: {', '.join(missing)}"
                 )
-        pad_id = ensure_pad_token(self.tokenizer)
-        side = getattr(self.tokenizer, "padding_side", "right")
-        longest = max((len(f[k]) for f in features for k in ("input_ids_chosen", "input_ids_rejected")), default=0)
+        side = check_padding_side(getattr(self.tokenizer, "padding_side", "right"))
+        lengths = {len(f[k]) for f in features for k in ("input_ids_chosen", "input_ids_rejected")}
+        pad_id = getattr(self.tokenizer, "pad_token_id", None)
+        if pad_id is None:  # needed only when rows differ in length; else filler under mask 0
+            if len(lengths) > 1:
+                raise _no_pad_token_error()
+            pad_id = 0
+        longest = max(lengths, default=0)
         length = bucket_length(longest, _multiple(self.pad_to_multiple_of), self.max_length)
         batch = {}
         for k in _REWARD_KEYS:

@@ -139,8 +139,8 @@ def pack_sequences(
     ``dataset_text_field`` or ``formatting_func(example) -> str``. Semantics:
     :func:`iter_packed_sequences`.
 
-    Raises:
-        ValueError: the data is too short to fill a single chunk (as TRL's SFTTrainer).
+    Too little text to fill one chunk gives ``[0, seq_length]`` arrays (TRL's
+    ConstantLengthDataset is then an empty iterable); SFTTrainer raises on that.
     """
     rows = list(
         iter_packed_sequences(
@@ -158,10 +158,81 @@ def pack_sequences(
             seed=seed,
         )
     )
-    if not rows:
-        raise ValueError(
-            f"Packing produced no sequence of {seq_length} tokens: the dataset needs enough text "
-            "to fill at least one packed sequence (or use a smaller seq_length)."
-        )
-    ids = np.stack([r["input_ids"] for r in rows])
+    ids = np.stack([r["input_ids"] for r in rows]) if rows else np.zeros((0, seq_length), np.int32)
     return {"input_ids": ids, "labels": ids.copy()}
+
+
+class ConstantLengthDataset:
+    """TRL's ``ConstantLengthDataset`` (same constructor): an iterable of packed
+    ``{"input_ids", "labels"}`` rows (each ``[seq_length]`` int32), built by
+    :func:`iter_packed_sequences`.
+
+    As in TRL, ``len()`` is the length of the underlying text dataset (not the number
+    of packed rows), ``infinite`` may be flipped after construction (SFTTrainer sets it
+    from ``max_steps``), and every iteration reshuffles each buffer's chunks (here from
+    ``seed``, advanced once per ``iter()``, instead of Python's global ``random``).
+    ``SFTTrainer(train_dataset=ConstantLengthDataset(...), packing=True)`` uses the rows as
+    they are.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        dataset: Any,
+        dataset_text_field: Optional[str] = None,
+        formatting_func: Optional[Callable[[Any], str]] = None,
+        infinite: bool = False,
+        seq_length: int = 1024,
+        num_of_sequences: int = 1024,
+        chars_per_token: float = 3.6,
+        eos_token_id: int = 0,
+        shuffle: bool = True,
+        append_concat_token: bool = True,
+        add_special_tokens: bool = True,
+        seed: int = 0,
+    ):
+        if seq_length < 1:
+            raise ValueError(f"seq_length must be >= 1, got {seq_length}.")
+        if getattr(tokenizer, "eos_token_id", None) is None:
+            warnings.warn(
+                f"The tokenizer has no EOS token; packing uses eos_token_id={eos_token_id} as the separator. "
+                "Pass the right `eos_token_id` if that is wrong."
+            )
+        self.tokenizer = tokenizer
+        self.dataset = dataset
+        self.dataset_text_field = dataset_text_field
+        self.formatting_func = formatting_func
+        _packing_texts(dataset_text_field, formatting_func)  # warns now for a multi-argument formatting_func
+        self.infinite = infinite
+        self.seq_length = seq_length
+        self.num_of_sequences = num_of_sequences
+        self.chars_per_token = chars_per_token
+        self.eos_token_id = eos_token_id
+        self.concat_token_id = tokenizer.eos_token_id if getattr(tokenizer, "eos_token_id", None) else eos_token_id
+        self.shuffle = shuffle
+        self.append_concat_token = append_concat_token
+        self.add_special_tokens = add_special_tokens
+        self.seed = seed
+        self._iterations = 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __iter__(self) -> Iterator[Dict[str, np.ndarray]]:
+        return self.iter_rows(infinite=self.infinite)
+
+    def iter_rows(self, infinite: bool = False) -> Iterator[Dict[str, np.ndarray]]:
+        """A fresh pass (``infinite=True``: endless) over the packed rows."""
+        seed = self.seed + self._iterations
+        self._iterations += 1
+        return iter_packed_sequences(
+            self.dataset, self.tokenizer, self.seq_length,
+            dataset_text_field=self.dataset_text_field, formatting_func=self.formatting_func,
+            num_of_sequences=self.num_of_sequences, chars_per_token=self.chars_per_token,
+            eos_token_id=self.eos_token_id, append_concat_token=self.append_concat_token,
+            add_special_tokens=self.add_special_tokens, shuffle=self.shuffle, seed=seed, infinite=infinite,
+        )
+
+    def materialize(self) -> List[Dict[str, np.ndarray]]:
+        """Every packed row of one pass over the text (what SFTTrainer trains on)."""
+        return list(self.iter_rows(infinite=False))

@@ -102,11 +102,25 @@ def ensure_pad_token(tokenizer: Any, *, set_to_eos: bool = False) -> int:
     raise _no_pad_token_error()
 
 
+#: The message transformers' collators raise (``tokenizer.pad``) when padding is needed and
+#: the tokenizer has no pad token; rljax's collators raise it at the same point, collation.
+NO_PAD_TOKEN_MESSAGE = (
+    "Asking to pad but the tokenizer does not have a padding token. Please select a token to use as "
+    "`pad_token` `(tokenizer.pad_token = tokenizer.eos_token e.g.)` or add a new pad token via "
+    "`tokenizer.add_special_tokens({'pad_token': '[PAD]'})`."
+)
+
+
 def _no_pad_token_error() -> ValueError:
-    return ValueError(
-        "The tokenizer has no padding token, which batching needs. Set one before "
-        "building batches, e.g. `tokenizer.pad_token = tokenizer.eos_token`."
-    )
+    return ValueError(NO_PAD_TOKEN_MESSAGE)
+
+
+def check_padding_side(padding_side: Any) -> str:
+    """``tokenizer.padding_side`` validated: ``"right"`` or ``"left"`` (None means right)."""
+    side = "right" if padding_side is None else padding_side
+    if side not in ("right", "left"):
+        raise ValueError(f"tokenizer.padding_side must be 'right' or 'left', got {padding_side!r}.")
+    return side
 
 
 def truncate_sequences(seqs: Sequence[Sequence[Any]], max_length: int, truncation_mode: str = "keep_end") -> List[list]:

@@ -86,6 +86,7 @@ def tokenize_sft_dataset(
     add_special_tokens: bool = True,
     remove_unused_columns: bool = True,
     dataset_batch_size: int = 1000,
+    num_proc: Optional[int] = None,
 ):
     """SFTTrainer's non-packed preprocessing: tokenize, truncate to ``max_seq_length``, no padding.
 
@@ -96,7 +97,8 @@ def tokenize_sft_dataset(
 
     Returns a ``datasets.Dataset`` with ``input_ids`` and ``attention_mask``
     (ragged lists of ints), plus the original columns if
-    ``remove_unused_columns`` is False.
+    ``remove_unused_columns`` is False. ``num_proc > 1`` tokenizes with
+    ``datasets.Dataset.map`` in that many worker processes (TRL's ``dataset_num_proc``).
 
     Raises:
         ValueError: neither field nor function given (TRL 0.7.11 would try to
@@ -117,20 +119,17 @@ def tokenize_sft_dataset(
             f"dataset_text_field {dataset_text_field!r} is not a column of the dataset (columns: {columns})"
         )
 
-    out: Dict[str, list] = {"input_ids": [], "attention_mask": []}
-    kept = [c for c in columns if c not in ("input_ids", "attention_mask")] if not remove_unused_columns else []
-    for c in kept:
-        out[c] = []
-    checked = False
-    for batch in _column_batches(dataset, dataset_batch_size):
+    if dataset_batch_size is None or dataset_batch_size <= 0:  # TRL: the whole dataset as one batch
+        dataset_batch_size = max(len(dataset), 1)
+
+    def tokenize_batch(batch: Dict[str, list]) -> Dict[str, list]:
         if use_func:
             texts = formatting_func(batch)
-            if not checked and not isinstance(texts, list):
+            if not isinstance(texts, list):
                 raise ValueError(
                     "The `formatting_func` should return a list of processed strings "
                     f"(got {type(texts).__name__}), since anything else can lead to silent bugs."
                 )
-            checked = True
         else:
             texts = batch[dataset_text_field]
         enc = tokenizer(
@@ -140,6 +139,20 @@ def tokenize_sft_dataset(
             padding=False,
             max_length=max_seq_length,
         )
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    if num_proc is not None and num_proc > 1:  # datasets.map in worker processes, as TRL
+        ds = dataset if isinstance(dataset, Dataset) else Dataset.from_list(list(dataset))
+        return ds.map(
+            tokenize_batch, batched=True, batch_size=dataset_batch_size, num_proc=num_proc,
+            remove_columns=ds.column_names if remove_unused_columns else None,
+        )
+    out: Dict[str, list] = {"input_ids": [], "attention_mask": []}
+    kept = [c for c in columns if c not in ("input_ids", "attention_mask")] if not remove_unused_columns else []
+    for c in kept:
+        out[c] = []
+    for batch in _column_batches(dataset, dataset_batch_size):
+        enc = tokenize_batch(batch)
         out["input_ids"].extend(enc["input_ids"])
         out["attention_mask"].extend(enc["attention_mask"])
         for c in kept:
