@@ -35,7 +35,7 @@ Differences from TRL 0.7.11 (deliberate, also listed in the README):
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -54,15 +54,24 @@ from rljax.trainers.base import (
 )
 
 
+def _to_numpy(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):  # a torch tensor
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
 def _rows(name: str, value: Any) -> List[np.ndarray]:
-    """A list of 1-D sequences or a 2-D array -> list of 1-D int arrays."""
-    if isinstance(value, (list, tuple)):
-        rows = [np.asarray(v) for v in value]
-    else:
-        arr = np.asarray(value)
+    """A sequence of 1-D sequences (a list, a ``datasets`` Column, torch tensors, ...) or a
+    2-D array -> list of 1-D int arrays."""
+    if hasattr(value, "shape") and hasattr(value, "dtype"):  # NumPy / JAX / torch array
+        arr = _to_numpy(value)
         if arr.ndim != 2:
             raise ValueError(f"{name} must be a list of 1-D sequences or a 2-D [batch, seq] array, got shape {arr.shape}.")
         rows = list(arr)
+    elif isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
+        raise ValueError(f"{name} must be a list of 1-D sequences or a 2-D [batch, seq] array, got {type(value).__name__}.")
+    else:
+        rows = [_to_numpy(v) for v in value]
     for i, r in enumerate(rows):
         if r.ndim != 1:
             raise ValueError(f"{name}[{i}] must be 1-D, got shape {r.shape}.")
@@ -77,9 +86,13 @@ def _count(row: Dict[str, np.ndarray]) -> int:
 
 
 def _check_texts(name: str, value: Any) -> List[str]:
-    if not isinstance(value, (list, tuple)) or not all(isinstance(t, str) for t in value):
-        raise ValueError(f"{name} must be a list of strings.")
-    return list(value)
+    """Any sequence of strings (a list, a tuple, a ``datasets`` Column, ...) -> list."""
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
+        raise ValueError(f"{name} must be a list of strings (any sequence of str), got {type(value).__name__}.")
+    texts = list(value)
+    if not all(isinstance(t, str) for t in texts):
+        raise ValueError(f"{name} must be a list of strings (any sequence of str).")
+    return texts
 
 
 class IterativeSFTTrainer(Trainer):
@@ -131,8 +144,9 @@ class IterativeSFTTrainer(Trainer):
             tokenizer = AutoTokenizer.from_pretrained(model)
         self.pad_token_id = D.ensure_pad_token(tokenizer)
         args = args if args is not None else TrainingArguments()
+        model_object = model if hasattr(model, "module") and hasattr(model, "params") and not isinstance(model, tuple) else None
         module, params = resolve_model(model, params)
-        super().__init__(module, params, args, None, eval_dataset, mesh=mesh)
+        super().__init__(module, params, args, None, eval_dataset, mesh=mesh, model_object=model_object)
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.truncation_mode = truncation_mode
@@ -284,6 +298,8 @@ class IterativeSFTTrainer(Trainer):
             "step": step,
         }
         self._log(dict(stats))
+        if self._model_object is not None:  # TRL trains the model in place
+            self._write_back_params()
         return stats
 
     def evaluate(
@@ -331,5 +347,5 @@ class IterativeSFTTrainer(Trainer):
     def _save(self, output_dir: str) -> None:
         from rljax.models import save_pretrained
 
-        save_pretrained(self.model, self.params, output_dir, overwrite=True)
+        save_pretrained(self.module, self.params, output_dir, overwrite=True)
         self.tokenizer.save_pretrained(output_dir)
