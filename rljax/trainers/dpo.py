@@ -32,8 +32,9 @@ Differences from TRL 0.7.11 (deliberate):
 * ``generate_during_eval=True`` raises a ``ValueError``: TRL uses it only to log sample
   generations to Weights & Biases, which rljax does not do (sample with
   :func:`rljax.generation.generate` on ``trainer.params`` instead).
-* Decoder-only models only; PEFT adapters, ``compute_metrics``, callbacks and custom
-  optimizers are not supported (a ``ValueError`` says so).
+* Decoder-only models only; PEFT adapters are not supported yet (a ``ValueError`` says so).
+* A tokenizer without a pad token (and no ``padding_value``) fails when the trainer is
+  built, with TRL's message (TRL raises it at the first collation, inside ``train()``).
 """
 from __future__ import annotations
 
@@ -42,15 +43,18 @@ import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from rljax import data as D
-from rljax.dpo import make_dpo_loss, make_reference_logps_fn
-from rljax.losses import DPO_LOSS_TYPES
+from rljax.dpo import _PAIR_KEYS, concatenated_forward, make_dpo_loss, make_reference_logps_fn
+from rljax.losses import DPO_LOSS_TYPES, dpo_loss, get_batch_logps
 from rljax.trainers.base import (
     Trainer,
     TrainingArguments,
     apply_overrides,
+    model_object_of,
+    reject_peft,
     resolve_model,
 )
 
@@ -95,30 +99,50 @@ class DPOConfig(TrainingArguments):
 # Trainer shell
 # ---------------------------------------------------------------------------------------
 
-_UNSUPPORTED = {
-    "peft_config": "PEFT adapters are not supported by rljax's DPOTrainer; pass full params.",
-    "compute_metrics": "compute_metrics is not supported; DPO metrics are computed inside the jitted step.",
-    "callbacks": "callbacks are not supported; read trainer.log_history or metrics.jsonl in output_dir.",
-    "optimizers": "custom optimizers are not supported; set the optimizer through DPOConfig (AdamW fields).",
-    "preprocess_logits_for_metrics": "preprocess_logits_for_metrics is not supported.",
-    "model_adapter_name": "PEFT adapters are not supported by rljax's DPOTrainer.",
-    "ref_adapter_name": "PEFT adapters are not supported by rljax's DPOTrainer.",
-}
+_PAD_TOKEN_MESSAGE = (
+    "Padding is enabled, but the tokenizer is not configured with a padding token. Explicitly set "
+    "`tokenizer.pad_token` (e.g. `tokenizer.pad_token = tokenizer.eos_token`) before calling the trainer."
+)
+
+
+def _load_causal_lm(path: str, init_kwargs: Optional[dict], which: str):
+    """A model id/path -> an ``rljax.models.AutoModelForCausalLM`` object (TRL: AutoModelForCausalLM
+    .from_pretrained(path, **init_kwargs)); ``(module, params)`` when that class is unavailable."""
+    warnings.warn(
+        f"You passed a {which} id to the DPOTrainer. This will automatically create an `AutoModelForCausalLM` for you.",
+        UserWarning,
+    )
+    try:
+        from rljax.models import AutoModelForCausalLM
+    except ImportError:
+        return resolve_model(path, model_init_kwargs=init_kwargs)
+    return AutoModelForCausalLM.from_pretrained(path, **(init_kwargs or {}))
 
 
 class DPOTrainer(Trainer):
     """TRL's DPOTrainer: ``DPOTrainer(model, ref_model, beta=0.1, args=..., train_dataset=..., tokenizer=...)``.
 
-    ``model`` / ``ref_model``: a checkpoint path, ``(module, params)``, a flax module with
-    ``params=`` / ``ref_params=``, or an object with ``.module``/``.params``. Without a
-    reference model (and without ``ref_params``) the reference is a frozen copy of the
-    policy's initial params (TRL's ``create_reference_model``). The reference is never
-    trained: its params are passed to a separate jitted forward, not to the optimizer.
+    ``model`` / ``ref_model``: a model id/path (loaded with ``model_init_kwargs`` /
+    ``ref_model_init_kwargs``), a model object with ``.module``/``.params`` (e.g.
+    ``rljax.models.AutoModelForCausalLM``; it gets the trained params at the end of
+    ``train()`` and is ``trainer.model``), ``(module, params)``, or a flax module with
+    ``params=`` / ``ref_params=``. Without a reference model (and without ``ref_params``) the
+    reference is a frozen copy of the policy's initial params (TRL's ``create_reference_model``;
+    with ``precompute_ref_log_probs`` TRL's reference forward also runs on the initial policy).
+    The reference is never trained: its params are passed to a separate jitted forward, not to
+    the optimizer.
 
     Datasets have string columns ``prompt``, ``chosen``, ``rejected`` (tokenized here as
-    TRL's ``tokenize_row``). Options TRL takes as keyword arguments (beta, loss_type,
-    max_length, precompute_ref_log_probs, ...) may be given here or on ``DPOConfig``.
+    TRL's ``tokenize_row``); ``eval_dataset`` may be a dict of such datasets. Options TRL takes
+    as keyword arguments (beta, loss_type, max_length, precompute_ref_log_probs, ...) may be
+    given here or on ``DPOConfig`` (keywords win). ``callbacks`` / ``optimizers`` /
+    ``compute_metrics`` / ``preprocess_logits_for_metrics``: see
+    :class:`rljax.trainers.base.Trainer` (predictions are TRL's per-batch
+    ``[logits/chosen, logits/rejected]`` means, labels 0). ``peft_config`` and the adapter
+    names must be None (PEFT is not supported yet); encoder-decoder models are not supported.
     """
+
+    _tag_names = ["trl", "dpo"]
 
     def __init__(
         self,
@@ -135,29 +159,39 @@ class DPOTrainer(Trainer):
         train_dataset: Any = None,
         eval_dataset: Any = None,
         tokenizer: Any = None,
+        model_init: Optional[Callable[[], Any]] = None,
+        callbacks: Any = None,
+        optimizers: Any = (None, None),
+        preprocess_logits_for_metrics: Optional[Callable] = None,
         max_length: Optional[int] = None,
         max_prompt_length: Optional[int] = None,
         max_target_length: Optional[int] = None,
+        peft_config: Any = None,
         is_encoder_decoder: Optional[bool] = None,
         disable_dropout: Optional[bool] = None,
         generate_during_eval: Optional[bool] = None,
+        compute_metrics: Optional[Callable] = None,
         precompute_ref_log_probs: Optional[bool] = None,
+        dataset_num_proc: Optional[int] = None,  # accepted for TRL compatibility; tokenization is sequential
+        model_init_kwargs: Optional[dict] = None,
+        ref_model_init_kwargs: Optional[dict] = None,
+        model_adapter_name: Optional[str] = None,
+        ref_adapter_name: Optional[str] = None,
         reference_free: Optional[bool] = None,
         params: Any = None,
         mesh: Any = None,
         ref_params: Any = None,
-        dataset_num_proc: Optional[int] = None,  # accepted for TRL compatibility; tokenization is sequential
-        model_init_kwargs: Optional[dict] = None,  # accepted; from_pretrained takes no extra options
-        ref_model_init_kwargs: Optional[dict] = None,
-        **unsupported: Any,
     ):
-        for name, value in unsupported.items():
-            if name not in _UNSUPPORTED:
-                raise TypeError(f"DPOTrainer got an unexpected keyword argument {name!r}.")
+        if model_init_kwargs is not None and not isinstance(model, str):
+            raise ValueError("You passed model_init_kwargs to the DPOTrainer, but your model is already instantiated.")
+        if ref_model_init_kwargs is not None and not isinstance(ref_model, str):
+            raise ValueError("You passed ref_model_init_kwargs to the DPOTrainer, but your ref_model is already instantiated.")
+        reject_peft(peft_config, "DPOTrainer")
+        for name, value in (("model_adapter_name", model_adapter_name), ("ref_adapter_name", ref_adapter_name)):
             if value is not None:
-                raise ValueError(_UNSUPPORTED[name])
+                raise ValueError(f"DPOTrainer: {name} names a PEFT adapter; PEFT is not supported yet, pass None.")
         if is_encoder_decoder:
-            raise ValueError("rljax's DPOTrainer supports decoder-only (causal LM) models only.")
+            raise ValueError("rljax's DPOTrainer supports decoder-only (causal LM) models only (encoder-decoder is not supported yet).")
         args = args if args is not None else DPOConfig()
         if not isinstance(args, DPOConfig):
             args = DPOConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingArguments)})
@@ -172,38 +206,65 @@ class DPOTrainer(Trainer):
         if args.generate_during_eval:
             raise ValueError(
                 "generate_during_eval=True is not supported: TRL uses it only to log sample generations to "
-                "Weights & Biases. Set it to False and sample with rljax.generation.generate(trainer.model, "
+                "Weights & Biases. Set it to False and sample with rljax.generation.generate(trainer.module, "
                 "trainer.params, ...) if you want to inspect generations."
             )
-        if args.max_length is None:
-            warnings.warn("max_length not set for DPOTrainer; using 512 (TRL's default).", UserWarning)
-            args = dataclasses.replace(args, max_length=512)
-        if args.max_prompt_length is None:
-            warnings.warn("max_prompt_length not set for DPOTrainer; using 128 (TRL's default).", UserWarning)
-            args = dataclasses.replace(args, max_prompt_length=128)
-        if args.label_smoothing > 0 and args.loss_type != "sigmoid":
-            warnings.warn(f"label_smoothing is ignored by the {args.loss_type!r} loss (TRL honours it for 'sigmoid' only).")
-
+        if model is None and model_init is not None:
+            model = model_init()
         if model is None:
             raise ValueError("DPOTrainer needs a model (checkpoint path, (module, params), or a loaded model).")
         if tokenizer is None:
             if not isinstance(model, str):
-                raise ValueError("DPOTrainer needs a tokenizer to tokenize the prompt/chosen/rejected texts.")
+                raise ValueError("tokenizer must be specified to tokenize a DPO dataset.")
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(model)
+        if args.max_length is None:
+            warnings.warn("`max_length` is not set in the DPOTrainer's init; it will default to 512 (TRL's default), "
+                          "but you should set it yourself.", UserWarning)
+            args = dataclasses.replace(args, max_length=512)
+        if args.max_prompt_length is None:
+            warnings.warn("`max_prompt_length` is not set in the DPOTrainer's init; it will default to 128 (TRL's "
+                          "default), but you should set it yourself.", UserWarning)
+            args = dataclasses.replace(args, max_prompt_length=128)
+        if args.label_smoothing > 0 and args.loss_type != "sigmoid":
+            warnings.warn(f"label_smoothing is ignored by the {args.loss_type!r} loss (TRL honours it for 'sigmoid' only).")
         if args.padding_value is None:
-            args = dataclasses.replace(args, padding_value=D.ensure_pad_token(tokenizer))
+            if getattr(tokenizer, "pad_token_id", None) is None:
+                raise ValueError(_PAD_TOKEN_MESSAGE)
+            args = dataclasses.replace(args, padding_value=int(tokenizer.pad_token_id))
+        if data_collator is None and args.remove_unused_columns:
+            args = dataclasses.replace(args, remove_unused_columns=False)
+            warnings.warn(
+                "When using DPODataCollatorWithPadding, you should set `remove_unused_columns=False` in your "
+                "TrainingArguments; we have set it for you, but you should do it yourself in the future.", UserWarning,
+            )
 
+        if isinstance(model, str):
+            model = _load_causal_lm(model, model_init_kwargs, "model")
+        if isinstance(ref_model, str):
+            ref_model = _load_causal_lm(ref_model, ref_model_init_kwargs, "ref_model")
         module, params = resolve_model(model, params)
         if ref_model is not None:
             ref_module, ref_params = resolve_model(ref_model, ref_params)
         else:  # create_reference_model semantics: the initial policy, frozen (jax arrays are immutable)
             ref_module, ref_params = module, (ref_params if ref_params is not None else params)
-        super().__init__(module, params, args, None, None, mesh=mesh)
+        super().__init__(
+            module, params, args, None, None, mesh=mesh, model_object=model_object_of(model), callbacks=callbacks,
+            compute_metrics=compute_metrics, optimizers=optimizers,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+        )
         self.tokenizer = tokenizer
-        self.ref_model = ref_module
+        self.ref_model = ref_model if ref_model is not None else None
+        self.ref_module = ref_module
         self.ref_params = ref_params
+        self.beta, self.label_smoothing, self.loss_type = args.beta, args.label_smoothing, args.loss_type
+        self.label_pad_token_id, self.padding_value = args.label_pad_token_id, args.padding_value
+        self.max_length, self.max_prompt_length = args.max_length, args.max_prompt_length
+        self.truncation_mode, self.precompute_ref_log_probs = args.truncation_mode, args.precompute_ref_log_probs
+        self.reference_free, self.is_encoder_decoder = args.reference_free, False
+        self.dataset_num_proc = dataset_num_proc
+        self.use_dpo_data_collator = data_collator is None
         self.data_collator = data_collator or D.DPODataCollatorWithPadding(
             args.padding_value, args.label_pad_token_id, max_length=args.max_length,
             pad_to_multiple_of=args.pad_to_multiple_of,
@@ -213,13 +274,30 @@ class DPOTrainer(Trainer):
             reference_free=args.reference_free, label_pad_token_id=args.label_pad_token_id,
             disable_dropout=args.disable_dropout,
         )
+        self.predict_fn = self._make_predict_fn()
         self._reference_logps = make_reference_logps_fn(
             ref_module, average_log_prob=args.loss_type == "ipo", label_pad_token_id=args.label_pad_token_id
         )
         self.train_dataset = self.tokenize_dataset(train_dataset) if train_dataset is not None else None
-        self.eval_dataset = self.tokenize_dataset(eval_dataset) if eval_dataset is not None else None
+        self.eval_dataset = self._tokenize_eval(eval_dataset) if eval_dataset is not None else None
         self._precomputed_train = False
         self._precomputed_eval = False
+
+    def _make_predict_fn(self) -> Callable:
+        loss_fn = self.loss_fn
+
+        def predict(params, batch):
+            # TRL's prediction_step: per batch, [mean chosen logits, mean rejected logits], labels 0.
+            loss, metrics = loss_fn(params, batch, None)
+            preds = jnp.stack([metrics["logits/chosen"], metrics["logits/rejected"]])
+            return dict(metrics, loss=loss), preds, jnp.zeros((2,), jnp.int32)
+
+        return predict
+
+    def _tokenize_eval(self, dataset: Any) -> Any:
+        if isinstance(dataset, dict):
+            return {name: self.tokenize_dataset(ds) for name, ds in dataset.items()}
+        return self.tokenize_dataset(dataset)
 
     # -- data -------------------------------------------------------------------------------
     def tokenize_dataset(self, dataset: Any) -> List[dict]:
@@ -281,32 +359,123 @@ class DPOTrainer(Trainer):
                 out.append(dict(r, reference_chosen_logps=float(rc[i]), reference_rejected_logps=float(rr[i])))
         return out
 
+    # -- TRL's method names ------------------------------------------------------------------
+    def tokenize_row(self, feature: Dict[str, Any], model: Any = None) -> Dict[str, Any]:
+        """TRL's ``tokenize_row``: one prompt/chosen/rejected row -> token fields."""
+        a = self.args
+        return D.dpo_tokenize_row(
+            feature, self.tokenizer, max_length=a.max_length, max_prompt_length=a.max_prompt_length,
+            truncation_mode=a.truncation_mode, label_pad_token_id=a.label_pad_token_id,
+        )
+
+    @staticmethod
+    def concatenated_inputs(batch: Dict[str, Any], is_encoder_decoder: bool = False, label_pad_token_id: int = -100,
+                            padding_value: int = 0, device: Any = None) -> Dict[str, np.ndarray]:
+        """TRL's ``concatenated_inputs``: chosen rows then rejected rows, padded to one width."""
+        if is_encoder_decoder:
+            raise ValueError("encoder-decoder models are not supported.")
+        return D.concatenated_inputs(batch, padding_value, label_pad_token_id)
+
+    @staticmethod
+    def get_batch_logps(logits: jax.Array, labels: jax.Array, average_log_prob: bool = False,
+                        label_pad_token_id: int = -100, is_encoder_decoder: bool = False) -> jax.Array:
+        """TRL's ``get_batch_logps``: ``[B]`` summed (or averaged) log-probs of the labels."""
+        if is_encoder_decoder:
+            raise ValueError("encoder-decoder models are not supported.")
+        return get_batch_logps(logits, labels, average_log_prob, label_pad_token_id)
+
+    def dpo_loss(self, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+                 reference_free: bool = False):
+        """TRL's ``dpo_loss`` with this trainer's beta / label_smoothing / loss_type: ``(losses [B],
+        chosen_rewards [B], rejected_rewards [B])``."""
+        return dpo_loss(
+            policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+            beta=self.beta, label_smoothing=self.label_smoothing if self.loss_type == "sigmoid" else 0.0,
+            loss_type=self.loss_type, reference_free=reference_free,
+        )
+
+    def _params_of(self, model: Any) -> Any:
+        if model is None or model is self.model or model is self.module:
+            return self.params
+        if hasattr(model, "params") and not isinstance(model, dict):
+            return model.params
+        return model  # a params pytree
+
+    def _pair_batch(self, batch: Dict[str, Any]) -> Dict[str, Any]:
+        """A TRL-collated batch (chosen/rejected of different widths) or ours -> our layout."""
+        if "concatenated_input_ids" in batch or batch["chosen_input_ids"].shape[1] != batch["rejected_input_ids"].shape[1]:
+            cat = batch if "concatenated_input_ids" in batch else D.concatenated_inputs(
+                batch, self.padding_value, self.label_pad_token_id)
+            n = cat["concatenated_input_ids"].shape[0] // 2
+            out = {f"{side}_{k}": cat[f"concatenated_{k}"][sl] for side, sl in (("chosen", slice(None, n)), ("rejected", slice(n, None)))
+                   for k in ("input_ids", "attention_mask", "labels")}
+            return {**{k: v for k, v in batch.items() if k in _REF_KEYS}, **out}
+        return batch
+
+    def concatenated_forward(self, model: Any, batch: Dict[str, Any]):
+        """TRL's ``concatenated_forward``: ``(chosen_logps [B], rejected_logps [B], chosen_logits
+        [B, L, V], rejected_logits [B, L, V])`` of ``model`` (``trainer.model``, a model object,
+        or a params pytree) on a collated batch."""
+        batch = self._pair_batch(batch)
+        pc, pr, logits = concatenated_forward(
+            self.module, self._params_of(model), {k: jnp.asarray(batch[k]) for k in _PAIR_KEYS},
+            average_log_prob=self.loss_type == "ipo", label_pad_token_id=self.label_pad_token_id,
+        )
+        n = pc.shape[0]
+        return pc, pr, logits[:n], logits[n:]
+
+    def compute_reference_log_probs(self, padded_batch: Dict[str, Any]):
+        """TRL's ``compute_reference_log_probs``: ``(reference_chosen_logps [B], reference_rejected_logps [B])``."""
+        return self._reference_logps(self.ref_params, self._pair_batch(padded_batch))
+
+    def get_batch_loss_metrics(self, model: Any, batch: Dict[str, Any], train_eval: str = "train"):
+        """TRL's ``get_batch_loss_metrics``: ``(loss, metrics)`` with TRL's keys (``eval_`` prefixed
+        for ``train_eval="eval"``); reference log-probs from the batch or the reference model."""
+        batch = self._pair_batch(batch)
+        if not all(k in batch for k in _REF_KEYS):
+            rc, rr = self._reference_logps(self.ref_params, batch)
+            batch = dict(batch, reference_chosen_logps=rc, reference_rejected_logps=rr)
+        loss, metrics = jax.jit(self.loss_fn)(self._params_of(model), {k: jnp.asarray(v) for k, v in batch.items()}, None)
+        prefix = "eval_" if train_eval == "eval" else ""
+        return loss, {f"{prefix}{k}": float(v) for k, v in metrics.items()}
+
     # -- loop -------------------------------------------------------------------------------
-    def train(self) -> Dict[str, float]:
+    def train(self, resume_from_checkpoint=None, **kwargs: Any):
+        """HF ``Trainer.train`` (see :meth:`rljax.trainers.base.Trainer.train`); with
+        ``precompute_ref_log_probs`` the reference log-probs of the whole train set are computed
+        once first."""
         if self.args.precompute_ref_log_probs and not self._precomputed_train and self.train_dataset:
             self.train_dataset = self.precompute_reference_logps(self.train_dataset, self.args.per_device_train_batch_size)
             self._precomputed_train = True
-        return super().train()
+        return super().train(resume_from_checkpoint, **kwargs)
 
-    def evaluate(self, eval_dataset=None, metric_key_prefix: str = "eval") -> Dict[str, float]:
-        """Mean DPO loss and metrics over the eval set (keys ``eval_loss``, ``eval_rewards/chosen``, ...).
+    def _prepare_eval(self, ds: Any) -> Any:
+        if isinstance(ds, dict):
+            return {name: self._prepare_eval(one) for name, one in ds.items()}
+        if self.args.precompute_ref_log_probs:
+            return self.precompute_reference_logps(ds, self.args.per_device_eval_batch_size)
+        return ds
 
-        ``eval_dataset``: text rows (prompt/chosen/rejected), tokenized here; None uses the
-        trainer's."""
-        a = self.args
+    def evaluate(self, eval_dataset=None, metric_key_prefix: str = "eval", *, ignore_keys=None) -> Dict[str, float]:
+        """Mean DPO loss and metrics over the eval set (keys ``eval_loss``, ``eval_rewards/chosen``,
+        ..., HF's ``eval_runtime``...). ``eval_dataset``: text rows (prompt/chosen/rejected) or a
+        dict of such datasets, tokenized here; None uses the trainer's."""
         if eval_dataset is not None:
-            ds = self.tokenize_dataset(eval_dataset)
-            if a.precompute_ref_log_probs:
-                ds = self.precompute_reference_logps(ds, a.per_device_eval_batch_size)
+            ds = self._prepare_eval(self._tokenize_eval(eval_dataset))
         else:
-            if a.precompute_ref_log_probs and not self._precomputed_eval and self.eval_dataset:
-                self.eval_dataset = self.precompute_reference_logps(self.eval_dataset, a.per_device_eval_batch_size)
+            if not self._precomputed_eval and self.eval_dataset:
+                self.eval_dataset = self._prepare_eval(self.eval_dataset)
                 self._precomputed_eval = True
             ds = self.eval_dataset
         return super().evaluate(ds, metric_key_prefix)
 
+    def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test"):
+        """HF ``predict`` on text rows: metrics prefixed ``test_``; predictions are TRL's per-batch
+        ``[logits/chosen, logits/rejected]`` means."""
+        return super().predict(self._prepare_eval(self.tokenize_dataset(test_dataset)), ignore_keys, metric_key_prefix)
+
     def _save(self, output_dir: str) -> None:
         from rljax.models import save_pretrained
 
-        save_pretrained(self.model, self.params, output_dir, overwrite=True)
+        save_pretrained(self.module, self.params, output_dir, overwrite=True)
         self.tokenizer.save_pretrained(output_dir)
