@@ -1,0 +1,216 @@
+"""TRL 0.7.11's tests/test_dpo_trainer.py on rljax: same cases, same dataset and arguments,
+with tiny local models (a 2-layer GPT-2 and a 2-layer Llama saved in tmp dirs) instead of
+``trl-internal-testing/dummy-GPT2-correct-vocab`` / ``HuggingFaceM4/tiny-random-LlamaForCausalLM``.
+
+Seq2seq (T5) and PEFT/LoRA/bitsandbytes cases belong to other rljax issues and are skipped with
+that reason. ``generate_during_eval=True`` is refused whether or not wandb is installed (README,
+"Deliberate differences"). Parameters are compared as pytrees (no ``named_parameters``).
+"""
+import copy
+import re
+
+import jax
+import numpy as np
+import pytest
+from datasets import Dataset
+
+from rljax.models import AutoModelForCausalLM, init_params, model_from_config, save_pretrained
+from rljax.models.gpt2 import GPT2Config
+from rljax.models.llama import LlamaConfig
+from rljax.trainers.base import TrainingArguments
+from rljax.trainers.dpo import DPOTrainer
+
+SEQ2SEQ = "seq2seq (T5) models are a separate rljax issue"
+PEFT = "PEFT/LoRA adapters (and bitsandbytes quantisation) are a separate rljax issue"
+
+
+def _save_tiny(cfg, tmp_path_factory, name):
+    module = model_from_config(cfg)
+    path = str(tmp_path_factory.mktemp(name))
+    save_pretrained(module, init_params(module, jax.random.PRNGKey(0)), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_id(tiny_tokenizer, tmp_path_factory):
+    cfg = GPT2Config(vocab_size=len(tiny_tokenizer), n_positions=128, n_embd=32, n_layer=2, n_head=2,
+                     bos_token_id=tiny_tokenizer.bos_token_id, eos_token_id=tiny_tokenizer.eos_token_id)
+    return _save_tiny(cfg, tmp_path_factory, "dummy-gpt2")
+
+
+@pytest.fixture(scope="module")
+def llama_id(tiny_tokenizer, tmp_path_factory):
+    cfg = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      bos_token_id=tiny_tokenizer.bos_token_id, eos_token_id=tiny_tokenizer.eos_token_id)
+    return _save_tiny(cfg, tmp_path_factory, "tiny-llama")
+
+
+@pytest.fixture()
+def tokenizer(tiny_tokenizer):
+    tok = copy.deepcopy(tiny_tokenizer)  # the session tokenizer stays untouched
+    tok.pad_token = tok.eos_token  # as TRL's setUpClass
+    return tok
+
+
+def _init_dummy_dataset():
+    # fmt: off
+    dummy_dataset_dict = {
+        "prompt": [
+            "hello",
+            "how are you",
+            "What is your name?",
+            "What is your name?",
+            "Which is the best programming language?",
+            "Which is the best programming language?",
+            "Which is the best programming language?",
+            "[INST] How is the stock price? [/INST]",
+            "[INST] How is the stock price? [/INST] ",
+        ],
+        "chosen": [
+            "hi nice to meet you",
+            "I am fine",
+            "My name is Mary",
+            "My name is Mary",
+            "Python",
+            "Python",
+            "Python",
+            "$46 as of 10am EST",
+            "46 as of 10am EST",
+        ],
+        "rejected": [
+            "leave me alone",
+            "I am not fine",
+            "Whats it to you?",
+            "I dont have a name",
+            "Javascript",
+            "C++",
+            "Java",
+            " $46 as of 10am EST",
+            " 46 as of 10am EST",
+        ],
+    }
+    # fmt: on
+    return Dataset.from_dict(dummy_dataset_dict)
+
+
+def _args(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=3, remove_unused_columns=False,
+                gradient_accumulation_steps=1, learning_rate=9e-1, evaluation_strategy="steps", disable_tqdm=True)
+    return TrainingArguments(**{**base, **kw})
+
+
+def _leaves(params):
+    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(params)}
+
+
+def _assert_params_changed(before, model):
+    after = _leaves(model.params)
+    for n, param in before.items():
+        if param.sum() != 0:  # ignore 0 biases
+            assert not np.array_equal(param, after[n]), n
+
+
+@pytest.mark.parametrize(
+    "name, loss_type, pre_compute",
+    [
+        ("gpt2", "sigmoid", True),
+        pytest.param("t5", "hinge", False, marks=pytest.mark.skip(reason=SEQ2SEQ)),
+        ("gpt2", "ipo", False),
+        pytest.param("t5", "ipo", True, marks=pytest.mark.skip(reason=SEQ2SEQ)),
+        ("gpt2", "kto_pair", True),
+        pytest.param("t5", "kto_pair", False, marks=pytest.mark.skip(reason=SEQ2SEQ)),
+    ],
+)
+def test_dpo_trainer(model_id, tokenizer, tmp_path, name, loss_type, pre_compute):
+    model = AutoModelForCausalLM.from_pretrained(model_id)
+    ref_model = AutoModelForCausalLM.from_pretrained(model_id)
+    trainer = DPOTrainer(
+        model=model, ref_model=ref_model, beta=0.1, loss_type=loss_type, args=_args(tmp_path), tokenizer=tokenizer,
+        train_dataset=_init_dummy_dataset(), eval_dataset=_init_dummy_dataset(), precompute_ref_log_probs=pre_compute,
+    )
+    previous_trainable_params = _leaves(trainer.model.params)
+
+    trainer.train()
+
+    assert trainer.state.log_history[-1]["train_loss"] is not None
+    _assert_params_changed(previous_trainable_params, trainer.model)
+
+
+def test_dpo_trainer_without_providing_ref_model(model_id, tokenizer, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(model_id)
+    trainer = DPOTrainer(
+        model=model, ref_model=None, beta=0.1, args=_args(tmp_path, gradient_accumulation_steps=4), tokenizer=tokenizer,
+        train_dataset=_init_dummy_dataset(), eval_dataset=_init_dummy_dataset(), precompute_ref_log_probs=True,
+    )
+    previous_trainable_params = _leaves(trainer.model.params)
+
+    trainer.train()
+
+    assert trainer.state.log_history[-1]["train_loss"] is not None
+    _assert_params_changed(previous_trainable_params, trainer.model)
+
+
+@pytest.mark.skip(reason=PEFT)
+def test_dpo_trainer_without_providing_ref_model_with_lora():
+    pass
+
+
+PAD_TOKEN_REGEX = (
+    r"Padding is enabled, but the tokenizer is not configured with a padding token."
+    r" Explicitly set `tokenizer.pad_token` \(e.g. `tokenizer.pad_token = tokenizer.eos_token`\)"
+    r" before calling the trainer."
+)
+
+
+@pytest.mark.parametrize("extra", [{}, {"dataset_num_proc": 5}], ids=["padding_token_is_none", "w_dataset_num_proc"])
+def test_dpo_trainer_padding_token_is_none(model_id, tiny_tokenizer, tmp_path, extra):
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.pad_token = None
+    with pytest.raises(ValueError, match=PAD_TOKEN_REGEX):
+        trainer = DPOTrainer(
+            model=AutoModelForCausalLM.from_pretrained(model_id), ref_model=None, beta=0.1, args=_args(tmp_path),
+            tokenizer=tokenizer, train_dataset=_init_dummy_dataset(), eval_dataset=_init_dummy_dataset(), **extra,
+        )
+        trainer.train()
+
+
+def test_dpo_trainer_generate_during_eval_no_wandb(model_id, tokenizer, tmp_path):
+    # TRL raises only without wandb ("`generate_during_eval=True` requires Weights and Biases ..."); rljax
+    # never logs sample generations to W&B, so the flag is refused either way.
+    with pytest.raises(ValueError, match=re.escape("generate_during_eval=True")):
+        DPOTrainer(
+            model=AutoModelForCausalLM.from_pretrained(model_id), ref_model=None, beta=0.1, args=_args(tmp_path),
+            tokenizer=tokenizer, train_dataset=_init_dummy_dataset(), eval_dataset=_init_dummy_dataset(),
+            generate_during_eval=True,
+        )
+
+
+@pytest.mark.skip(reason=PEFT)
+def test_dpo_lora_save():
+    pass
+
+
+@pytest.mark.skip(reason=PEFT)
+def test_dpo_lora_bf16_autocast_llama():
+    pass
+
+
+@pytest.mark.skip(reason=PEFT + " (TRL skips it too: needs a GPU with bf16)")
+def test_dpo_lora_bf16_autocast():
+    pass
+
+
+@pytest.mark.skip(reason=PEFT)
+def test_dpo_lora_tags():
+    pass
+
+
+def test_dpo_tags(llama_id, tokenizer, tmp_path):
+    # TRL marks this one require_peft although it uses no adapter; it runs here.
+    model = AutoModelForCausalLM.from_pretrained(llama_id)
+    trainer = DPOTrainer(
+        model=model, ref_model=None, beta=0.1, args=_args(tmp_path, gradient_accumulation_steps=4), tokenizer=tokenizer,
+        train_dataset=_init_dummy_dataset(), eval_dataset=_init_dummy_dataset(),
+    )
+    assert trainer.model.model_tags == trainer._tag_names
