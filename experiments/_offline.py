@@ -64,8 +64,8 @@ def offline_assets(
     if os.path.exists(os.path.join(root, _DONE)):
         return paths
     import jax
-
     from quickstart import build_data, make_review, sentiment_judge
+
     from rljax.data import train_tokenizer
     from rljax.models import init_params, model_from_config, save_pretrained
     from rljax.models.gpt2 import GPT2Config

@@ -41,7 +41,6 @@ from rljax.core import LengthSampler
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))  # rljax: experiments/_offline.py
 from _offline import pipeline, set_offline_defaults  # noqa: E402  (transformers.pipeline + an offline VADER stand-in)
 
-
 tqdm.pandas()
 
 

@@ -43,7 +43,14 @@ from datasets import load_dataset
 from tqdm import tqdm
 from transformers import AutoTokenizer, HfArgumentParser
 
-from rljax import ModelConfig, RewardConfig, RewardTrainer, get_kbit_device_map, get_peft_config, get_quantization_config
+from rljax import (
+    ModelConfig,
+    RewardConfig,
+    RewardTrainer,
+    get_kbit_device_map,
+    get_peft_config,
+    get_quantization_config,
+)
 from rljax.models import AutoModelForSequenceClassification
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))  # rljax: experiments/_offline.py
