@@ -162,3 +162,68 @@ def test_sft_save_model_loads_in_transformers(trained, tiny_tokenizer):
     with torch.no_grad():
         theirs = hf(torch.tensor(ids, dtype=torch.long)).logits.numpy()
     np.testing.assert_allclose(ours, theirs, atol=1e-4)
+
+
+def test_neftune_noise_scale_is_alpha_over_sqrt_len_times_hidden(model):
+    from rljax.sft import input_embeddings
+
+    module, params = model
+    ids = np.tile(np.arange(3, 53), (8, 1)).astype(np.int32)  # [8, 50]
+    mask = np.ones_like(ids)
+    mask[:, 40:] = 0  # right padding: the longest row has 40 tokens, TRL's padded width
+    clean = np.asarray(input_embeddings(module, params, ids, mask))
+    noisy = np.asarray(input_embeddings(module, params, ids, mask, neftune_noise_alpha=5.0, rng=jax.random.PRNGKey(0)))
+    noise = noisy - clean
+    mag = 5.0 / np.sqrt(40 * 32)  # alpha / sqrt(L * hidden)
+    assert np.abs(noise).max() <= mag * (1 + 1e-5) and np.abs(noise).max() > 0.99 * mag
+    assert noise.std() == pytest.approx(mag / np.sqrt(3), rel=0.03)  # uniform(-mag, mag)
+    assert abs(noise.mean()) < 0.02 * mag
+    other = np.asarray(input_embeddings(module, params, ids, mask, neftune_noise_alpha=5.0, rng=jax.random.PRNGKey(1)))
+    assert not np.allclose(other, noisy)
+
+
+def test_neftune_only_in_training(model, tiny_tokenizer, tmp_path):
+    module, params = model
+    trainer = SFTTrainer(model, config(tmp_path, neftune_noise_alpha=5.0), train_dataset=corpus(8, 0),
+                         tokenizer=tiny_tokenizer)
+    plain = SFTTrainer(model, config(tmp_path), train_dataset=corpus(8, 0), tokenizer=tiny_tokenizer)
+    batch = trainer.collate([trainer.train_dataset[i] for i in range(4)])
+    # evaluation (rng None): exactly the model without noise
+    assert float(trainer.loss_fn(params, batch, None)[0]) == float(plain.loss_fn(params, batch, None)[0])
+    # training: the same dropout key, different loss only through the noise (the model has no dropout)
+    key = jax.random.PRNGKey(3)
+    assert float(trainer.loss_fn(params, batch, key)[0]) != float(plain.loss_fn(params, batch, key)[0])
+    assert float(plain.loss_fn(params, batch, key)[0]) == pytest.approx(float(plain.loss_fn(params, batch, None)[0]), rel=1e-6)
+    with pytest.raises(ValueError, match="neftune_noise_alpha"):
+        SFTTrainer(model, config(tmp_path, neftune_noise_alpha=-1.0), train_dataset=corpus(8, 0), tokenizer=tiny_tokenizer)
+
+
+def test_sft_trains_on_already_packed_rows_and_rejects_too_little_text(model, tiny_tokenizer, tmp_path):
+    from rljax.data import ConstantLengthDataset, pack_sequences
+
+    packed = pack_sequences(corpus(32, 0), tiny_tokenizer, 32, dataset_text_field="text")
+    trainer = SFTTrainer(model, config(tmp_path, packing=True, dataset_text_field=None, max_steps=1),
+                         train_dataset=packed, tokenizer=tiny_tokenizer)
+    assert len(trainer.train_dataset) == len(packed["input_ids"]) and trainer.train_dataset.infinite
+    np.testing.assert_array_equal(trainer.collate(trainer.train_dataset[:2])["input_ids"], packed["input_ids"][:2])
+    rows = [{"input_ids": x} for x in packed["input_ids"]]  # rows holding input_ids, no text field
+    again = SFTTrainer(model, config(tmp_path, packing=True, dataset_text_field=None), train_dataset=rows,
+                       tokenizer=tiny_tokenizer)
+    np.testing.assert_array_equal(again.collate(again.train_dataset[:2])["labels"], packed["input_ids"][:2])
+    cld = ConstantLengthDataset(tiny_tokenizer, corpus(32, 0), dataset_text_field="text", seq_length=32)
+    assert len(SFTTrainer(model, config(tmp_path, packing=True), train_dataset=cld, tokenizer=tiny_tokenizer).train_dataset) > 0
+    with pytest.raises(ValueError, match="enough samples to at least yield one packed sequence"):
+        SFTTrainer(model, config(tmp_path, packing=True, max_seq_length=4096), train_dataset=corpus(2, 0),
+                   tokenizer=tiny_tokenizer)
+
+
+def test_sft_tokenizer_without_pad_token_fails_at_collation_like_trl(model, tiny_tokenizer, tmp_path):
+    import copy
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.pad_token = None
+    trainer = SFTTrainer(model, config(tmp_path), train_dataset=corpus(8, 0), tokenizer=tok)
+    assert tok.pad_token is None  # the user's tokenizer is left alone (TRL sets pad only on one it loads)
+    rows = [trainer.train_dataset[i] for i in range(2)]
+    with pytest.raises(ValueError, match="Asking to pad but the tokenizer does not have a padding token"):
+        trainer.collate([rows[0], {"input_ids": rows[1]["input_ids"][:3], "attention_mask": [1, 1, 1]}])
