@@ -183,7 +183,7 @@ def test_neftune_noise_scale_is_alpha_over_sqrt_len_times_hidden(model):
 
 
 def test_neftune_only_in_training(model, tiny_tokenizer, tmp_path):
-    module, params = model
+    _, params = model
     trainer = SFTTrainer(model, config(tmp_path, neftune_noise_alpha=5.0), train_dataset=corpus(8, 0),
                          tokenizer=tiny_tokenizer)
     plain = SFTTrainer(model, config(tmp_path), train_dataset=corpus(8, 0), tokenizer=tiny_tokenizer)
