@@ -256,7 +256,8 @@ def ppo_loss(
     """TRL 0.7.11's `PPOTrainer.loss`: clipped policy and value losses.
 
     old_logprobs, values (rollout values), vpreds, logprobs, mask, advantages,
-    returns: [batch, seq]; logits: [batch, seq, V] (for the entropy stat only).
+    returns: [batch, seq]; logits: [batch, seq, V], or [batch, V] (one distribution per
+    row, as TRL broadcasts a rank-2 entropy), for the entropy stat only.
     Returns (pg_loss, vf_coef * vf_loss, stats); optimise their sum.
 
     stats holds TRL's flattened keys: loss/policy, loss/value (UNscaled
@@ -282,8 +283,8 @@ def ppo_loss(
     logits = jnp.asarray(logits)
     chex.assert_rank([old_logprobs, values, vpreds, logprobs, advantages, returns], 2)
     chex.assert_equal_shape([old_logprobs, values, vpreds, logprobs, advantages, returns])
-    chex.assert_rank(logits, 3)
-    chex.assert_equal_shape_prefix([logits, logprobs], 2)
+    chex.assert_rank(logits, {2, 3})
+    chex.assert_equal_shape_prefix([logits, logprobs], logits.ndim - 1)
     mask = jnp.asarray(mask, dtype=logprobs.dtype)
     chex.assert_equal_shape([mask, logprobs])
 
@@ -320,7 +321,10 @@ def ppo_loss(
     vf_loss = jnp.where(skipped, 0.0, vf_loss)
     loss = jnp.where(skipped, 0.0, loss)
 
-    entropy = mmean(entropy_from_logits(sg(logits)))
+    token_entropy = entropy_from_logits(sg(logits))  # [batch, seq], or [batch] for rank-2 logits
+    if logits.ndim == 2:  # one distribution per row, shared by the row's tokens
+        token_entropy = jnp.broadcast_to(token_entropy[:, None], mask.shape)
+    entropy = mmean(token_entropy)
     approxkl = 0.5 * mmean(jnp.square(logprobs - old_logprobs))
     policykl = mmean(old_logprobs - logprobs)
 

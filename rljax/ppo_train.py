@@ -32,6 +32,7 @@ import chex
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from rljax.core import (
@@ -104,21 +105,78 @@ class PPOTrainState:
 
 def make_ppo_optimizer(config: PPOConfig, trainable: Optional[Any] = None) -> optax.GradientTransformation:
     """TRL's default: Adam(lr=learning_rate) (torch defaults), grad-norm clipping at
-    ``max_grad_norm`` when set. ``trainable``: optional bool pytree (False = frozen)."""
+    ``max_grad_norm`` when set. ``trainable``: optional bool pytree (False = frozen).
+
+    The learning rate is an ``optax.inject_hyperparams`` hyperparameter, so it lives in the
+    optimizer state: ``ppo/learning_rate`` reads it there and a shell can change it between
+    steps (``set_learning_rate``) without recompiling."""
     tx = _adam_with_clipping(float(config.learning_rate), config.max_grad_norm)
     if trainable is not None:
-        labels = jax.tree_util.tree_map(lambda t: "train" if t else "frozen", trainable)
-        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+        leaves, treedef = jax.tree_util.tree_flatten(trainable)
+        tx = _with_frozen(tx, treedef, tuple(bool(t) for t in leaves))
     return tx
+
+
+@functools.lru_cache(maxsize=32)
+def _with_frozen(tx: optax.GradientTransformation, treedef: Any, trainable: Tuple[bool, ...]):
+    """``tx`` on the trainable leaves, zero updates (and no state) on the others; cached so
+    equal settings give an equal transformation (see ``_adam_with_clipping``)."""
+    labels = jax.tree_util.tree_unflatten(treedef, ["train" if t else "frozen" for t in trainable])
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
 
 
 @functools.lru_cache(maxsize=32)
 def _adam_with_clipping(learning_rate: float, max_grad_norm: Optional[float]) -> optax.GradientTransformation:
     """One optax object per setting: the optimizer is a static field of the state, so equal
     configs must give an EQUAL transformation or every new state recompiles ppo_step."""
-    parts = [] if max_grad_norm is None else [optax.clip_by_global_norm(max_grad_norm)]
-    parts.append(optax.adam(learning_rate, b1=0.9, b2=0.999, eps=1e-8))
-    return optax.chain(*parts)
+
+    def adam(learning_rate):
+        parts = [] if max_grad_norm is None else [optax.clip_by_global_norm(max_grad_norm)]
+        parts.append(optax.adam(learning_rate, b1=0.9, b2=0.999, eps=1e-8))
+        return optax.chain(*parts)
+
+    return optax.inject_hyperparams(adam)(learning_rate=learning_rate)
+
+
+def freeze_params(tx: optax.GradientTransformation, trainable: Any) -> optax.GradientTransformation:
+    """``tx`` whose updates are zero wherever ``trainable`` (bool pytree like the params) is
+    False, whatever ``tx`` is (weight decay included): those params never move."""
+    frozen = jax.tree_util.tree_map(lambda t: not t, trainable)
+    return optax.chain(tx, optax.masked(optax.set_to_zero(), frozen))
+
+
+def _is_injected(x: Any) -> bool:
+    return isinstance(getattr(x, "hyperparams", None), dict) and "learning_rate" in x.hyperparams
+
+
+def learning_rate_of(opt_state: Any) -> Array:
+    """The ``learning_rate`` of the first ``optax.inject_hyperparams`` state in ``opt_state``
+    (the rate of the last update), float32 scalar; NaN when the optimizer does not expose one
+    (e.g. a plain ``optax.adam(1e-3)``: its rate is hidden in a closure). Jittable."""
+    found = [x for x in jax.tree_util.tree_leaves(opt_state, is_leaf=_is_injected) if _is_injected(x)]
+    if not found:
+        return jnp.asarray(jnp.nan, jnp.float32)
+    return jnp.asarray(found[0].hyperparams["learning_rate"], jnp.float32)
+
+
+def has_learning_rate(opt_state: Any) -> bool:
+    """Whether ``opt_state`` has an injected ``learning_rate`` (see ``learning_rate_of``)."""
+    return any(_is_injected(x) for x in jax.tree_util.tree_leaves(opt_state, is_leaf=_is_injected))
+
+
+def set_learning_rate(opt_state: Any, learning_rate: Any) -> Any:
+    """``opt_state`` with every injected ``learning_rate`` set to ``learning_rate`` (same dtype)."""
+
+    def put(x):
+        if not _is_injected(x):
+            return x
+        old = x.hyperparams["learning_rate"]
+        new = jnp.asarray(learning_rate, jnp.asarray(old).dtype)
+        if isinstance(old, jax.Array) and not isinstance(old, jax.core.Tracer):
+            new = jax.device_put(new, old.sharding)  # keep a sharded state's placement
+        return x._replace(hyperparams={**x.hyperparams, "learning_rate": new})
+
+    return jax.tree_util.tree_map(put, opt_state, is_leaf=_is_injected)
 
 
 # ==========================================================================
@@ -374,7 +432,9 @@ def make_ppo_step(module: Any, config: PPOConfig, *, num_processes: int = 1) -> 
         train_stats = {}
         for key, v in mb_stats.items():
             if key in ("policy/advantages", "policy/ratio"):
-                train_stats[key] = jnp.nan_to_num(v, nan=STATS_PADDING).reshape(-1)  # TRL: flattened, not averaged
+                # TRL: flattened, not averaged. Static shape [epochs * B * T]: epochs skipped by
+                # early stopping are a STATS_PADDING tail; drop_skipped_epochs cuts it host-side.
+                train_stats[key] = jnp.nan_to_num(v, nan=STATS_PADDING).reshape(-1)
             elif key != "skipped":
                 train_stats[key] = jnp.sum(v * weight) / jnp.maximum(jnp.sum(weight), 1.0)
         skipped = jnp.sum(mb_stats["skipped"] * weight)
@@ -383,7 +443,7 @@ def make_ppo_step(module: Any, config: PPOConfig, *, num_processes: int = 1) -> 
             kls=kls, masks=masks, kl_coef=kl_coef, queries_len=rollout.query_mask.sum(-1),
             responses_len=rollout.response_mask.sum(-1), train_stats=train_stats,
         )
-        stats["ppo/learning_rate"] = jnp.asarray(config.learning_rate, jnp.float32)
+        stats["ppo/learning_rate"] = learning_rate_of(opt_state)  # the rate the last update used
         stats["ppo/epochs_run"] = jnp.sum(ran.astype(jnp.float32))
         stats["ppo/minibatches_skipped"] = skipped
         stats["ppo/skipped_nonfinite_scores"] = 1.0 - finite.astype(jnp.float32)
@@ -399,6 +459,22 @@ def make_ppo_step(module: Any, config: PPOConfig, *, num_processes: int = 1) -> 
         return new_state, stats
 
     return ppo_step
+
+
+PER_TOKEN_TRAIN_KEYS = ("ppo/policy/advantages", "ppo/policy/ratio")
+
+
+def drop_skipped_epochs(stats: Dict[str, Any], ppo_epochs: int) -> Dict[str, Any]:
+    """Host-side: cut the per-token train stats (``PER_TOKEN_TRAIN_KEYS``, flat
+    ``[ppo_epochs * B * T]``) to the ``ppo/epochs_run`` epochs that ran, as TRL leaves the
+    epochs skipped by early stopping out of its stats. ``stats``: numpy values of ``ppo_step``."""
+    ran = int(round(float(stats["ppo/epochs_run"])))
+    out = dict(stats)
+    for key in PER_TOKEN_TRAIN_KEYS:
+        if key in out:
+            v = np.asarray(out[key]).reshape(-1)
+            out[key] = v[: ran * (v.size // ppo_epochs)]
+    return out
 
 
 # ==========================================================================

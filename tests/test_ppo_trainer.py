@@ -10,6 +10,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import torch
 import transformers
@@ -61,13 +62,19 @@ def model(tokenizer):
     return AutoModelForCausalLMWithValueHead.from_lm(lm, init_params(lm, jax.random.PRNGKey(0)))
 
 
+def fresh(model):
+    """A new model object on the fixture's weights: a trainer publishes its trained params on
+    the object it is given (as TRL trains in place), so trainers must not share one."""
+    return AutoModelForCausalLMWithValueHead(model.module, model.params)
+
+
 def make_config(**kw):
     return PPOConfig(**{**dict(batch_size=BATCH, mini_batch_size=2, ppo_epochs=2, learning_rate=1e-3), **kw})
 
 
 @pytest.fixture(scope="module")
 def trainer(model, tokenizer):
-    return PPOTrainer(make_config(), model, ref_model=None, tokenizer=tokenizer)
+    return PPOTrainer(make_config(), fresh(model), ref_model=None, tokenizer=tokenizer)
 
 
 def batch(tokenizer, seed=0):
@@ -108,8 +115,11 @@ def test_step_returns_trl_stats_and_trains_policy_not_reference(trainer, model, 
     assert any(k.startswith("transformer/h_1/") for k in moved)
     assert any(k.startswith("transformer/wte") for k in moved)
     assert not changed(trainer.state.ref_params, ref_before)
-    # The caller's model keeps its (undonated, unchanged) arrays.
+    # The trainer trained a copy: arrays the caller passed in stay valid and unchanged ...
     assert not changed(model.params, caller_params)
+    # ... and the model object given to the trainer holds the trained state (TRL trains in place).
+    assert trainer.model.params is trainer.state.params
+    assert not changed(trainer.ref_model.params, ref_before)
     assert trainer.kl_ctl_value == pytest.approx(float(trainer.state.kl.value)) != 0.2  # adaptive update
 
     # A second step sees a policy that differs from the reference: KL is no longer zero.
@@ -191,37 +201,61 @@ def test_shared_layers_are_shared_frozen_and_not_copied(model, tokenizer):
     """num_shared_layers=1 (our fix: TRL 0.7.11 only freezes those layers): the embeddings and layer 0 live only in the
     policy params, frozen; the reference holds just the rest; layer 1, ln_f and v_head train."""
     ref = create_reference_model(model, num_shared_layers=1)
-    full = flatten_dict(model.params)
-    ref_flat = flatten_dict(ref)
-    assert len(ref_flat) < len(full)
-    shared = {"/".join(k) for k in full if k not in ref_flat}
+    assert isinstance(ref, AutoModelForCausalLMWithValueHead) and ref.module is model.module
+    assert ref.num_shared_layers == 1
+    full, ref_flat = flatten_dict(model.params), flatten_dict(ref.params)
+    assert set(ref_flat) == set(full)
+    shared = {"/".join(k) for k in full if ref_flat[k] is full[k]}  # the very same arrays: no copy
     assert any(k.startswith("transformer/h_0/") for k in shared) and "transformer/wte/embedding" in shared
     assert not any(k.startswith(("transformer/h_1/", "v_head/")) for k in shared)
-    assert sum(v.size for v in ref_flat.values()) < sum(v.size for v in full.values())
-    np.testing.assert_equal(snapshot(merge_reference(model.params, ref)), snapshot(model.params))
-    assert len(flatten_dict(create_reference_model(model))) == len(full)  # no sharing: a full copy
+    np.testing.assert_equal(snapshot(ref.params), snapshot(model.params))
+    plain = create_reference_model(model)  # no sharing: a full copy
+    assert plain.num_shared_layers is None
+    assert not any(v is full[k] for k, v in flatten_dict(plain.params).items())
     with pytest.raises(ValueError):
         create_reference_model(model, num_shared_layers=3)  # the model has 2 layers
 
-    trainer = PPOTrainer(make_config(), model, tokenizer=tokenizer, num_shared_layers=1)
-    assert len(flatten_dict(trainer.state.ref_params)) == len(ref_flat)
-    before, ref_before = snapshot(trainer.state.params), snapshot(trainer.state.ref_params)
-    stats = trainer.step(*batch(tokenizer))
-    assert np.isfinite(stats["ppo/loss/total"])
+    for how in ("num_shared_layers", "ref_model"):
+        policy = fresh(model)
+        if how == "ref_model":  # TRL scripts: ref = create_reference_model(model, k); PPOTrainer(config, model, ref)
+            trainer = PPOTrainer(make_config(), policy, create_reference_model(policy, num_shared_layers=1), tokenizer)
+        else:
+            trainer = PPOTrainer(make_config(), policy, tokenizer=tokenizer, num_shared_layers=1)
+        assert trainer.num_shared_layers == 1
+        assert len(flatten_dict(trainer.state.ref_params)) == len(full) - len(shared)
+        before, ref_before = snapshot(trainer.state.params), snapshot(trainer.state.ref_params)
+        stats = trainer.step(*batch(tokenizer))
+        assert np.isfinite(stats["ppo/loss/total"])
+        moved = changed(trainer.state.params, before)
+        assert moved and not moved & shared  # the shared layers stay frozen in the policy
+        assert any(k.startswith("transformer/h_1/") for k in moved) and any(k.startswith("v_head/") for k in moved)
+        assert not changed(trainer.state.ref_params, ref_before)
+        # The reference the trainer scores with (and trainer.ref_model) is still exactly the initial model.
+        np.testing.assert_equal(snapshot(merge_reference(trainer.state.params, trainer.state.ref_params)),
+                                snapshot(model.params))
+        np.testing.assert_equal(snapshot(trainer.ref_model.params), snapshot(model.params))
+
+
+def test_custom_optimizer_does_not_move_shared_layers(model, tokenizer):
+    """A user's optax.adamw (weight decay included) with num_shared_layers: the shared layers stay
+    frozen (updates zeroed in the step), so the reference read from them does not drift."""
+    trainer = PPOTrainer(make_config(), fresh(model), tokenizer=tokenizer, num_shared_layers=1,
+                         optimizer=optax.inject_hyperparams(optax.adamw)(learning_rate=1e-2, weight_decay=0.1))
+    before = snapshot(trainer.state.params)
+    trainer.step(*batch(tokenizer))
     moved = changed(trainer.state.params, before)
-    assert moved and not moved & shared  # the shared layers stay frozen in the policy
-    assert any(k.startswith("transformer/h_1/") for k in moved) and any(k.startswith("v_head/") for k in moved)
-    assert not changed(trainer.state.ref_params, ref_before)
-    # The reference the trainer scores with is still exactly the initial model.
-    np.testing.assert_equal(snapshot(merge_reference(trainer.state.params, trainer.state.ref_params)),
-                            snapshot(model.params))
+    assert not any(k.startswith(("transformer/h_0/", "transformer/wte", "transformer/wpe")) for k in moved)
+    assert any(k.startswith("transformer/h_1/") for k in moved)
+    np.testing.assert_equal(snapshot(trainer.ref_model.params), snapshot(model.params))
 
 
 def test_num_shared_layers_is_ignored_with_an_explicit_ref_model(model, tokenizer):
     with pytest.warns(UserWarning, match="num_shared_layers"):
-        trainer = PPOTrainer(make_config(), model, ref_model=model, tokenizer=tokenizer, num_shared_layers=1)
+        ref = fresh(model)
+        trainer = PPOTrainer(make_config(), fresh(model), ref_model=ref, tokenizer=tokenizer, num_shared_layers=1)
     assert trainer.num_shared_layers is None
     assert len(flatten_dict(trainer.state.ref_params)) == len(flatten_dict(model.params))
+    assert trainer.ref_model is ref
 
 
 # --------------------------------------------------------------------------
@@ -232,7 +266,7 @@ def test_num_shared_layers_is_ignored_with_an_explicit_ref_model(model, tokenize
 @pytest.fixture(scope="module")
 def gen_trainer(model, tokenizer):
     """A fresh trainer (policy == reference); generation compiles once per settings, shared."""
-    return PPOTrainer(make_config(), model, tokenizer=tokenizer)
+    return PPOTrainer(make_config(), fresh(model), tokenizer=tokenizer)
 
 
 GREEDY = dict(max_new_tokens=6, do_sample=False, eos_token_id=None)
@@ -298,7 +332,7 @@ def test_generate_length_sampler_and_ref_response(gen_trainer, tokenizer):
 
 def test_dataloader_drops_the_last_incomplete_batch(model, tokenizer):
     dataset = [{"input_ids": np.arange(3 + i % 3), "query": f"q{i}"} for i in range(10)]
-    trainer = PPOTrainer(make_config(), model, tokenizer=tokenizer, dataset=dataset)
+    trainer = PPOTrainer(make_config(), fresh(model), tokenizer=tokenizer, dataset=dataset)
     assert len(trainer.dataloader) == 10 // BATCH
     batches = list(trainer.dataloader)
     assert len(batches) == 2
@@ -333,7 +367,7 @@ def test_save_pretrained_loads_in_transformers_with_identical_logits(trainer, to
 
 def test_log_stats_writes_to_the_configured_tracker(model, tokenizer, tmp_path):
     config = make_config(log_with="jsonl", project_kwargs={"logging_dir": str(tmp_path)})
-    tr = PPOTrainer(config, model, tokenizer=tokenizer)
+    tr = PPOTrainer(config, fresh(model), tokenizer=tokenizer)
     stats = tr.step(*batch(tokenizer, seed=8))
     rewards = [1.0, 2.0, 3.0, 4.0]
     tr.log_stats(stats, {"query": ["q"] * BATCH, "response": ["r"] * BATCH}, rewards)
@@ -351,3 +385,87 @@ def test_generate_with_only_a_length_sampler(gen_trainer, tokenizer):
     queries = [np.asarray(tokenizer("the movie").input_ids)] * 2
     out = gen_trainer.generate(queries, length_sampler=lambda: 3, return_prompt=False, do_sample=False, remove_padding=False)
     assert [len(r) for r in out] == [3, 3]
+
+
+# --------------------------------------------------------------------------
+# TRL attributes: the model object, kl_ctl, learning rate, early stopping, masks, data
+# --------------------------------------------------------------------------
+
+
+def test_model_object_holds_the_trained_params_and_saves_them(trainer, tokenizer, tmp_path):
+    trainer.step(*batch(tokenizer, seed=9))
+    assert trainer.model.params is trainer.state.params  # re-pointed after every (donating) step
+    assert set(flatten_dict(trainer.ref_model.params)) == set(flatten_dict(trainer.state.params))
+    trainer.model.save_pretrained(str(tmp_path))
+    reloaded = AutoModelForCausalLMWithValueHead.from_pretrained(str(tmp_path))
+    np.testing.assert_equal(snapshot(reloaded.params), snapshot(trainer.state.params))
+
+
+def test_kl_ctl_is_trls_controller_over_the_state(trainer, model, tokenizer):
+    from rljax.ppo import AdaptiveKLController, FixedKLController
+
+    assert isinstance(trainer.kl_ctl, AdaptiveKLController)
+    trainer.step(*batch(tokenizer, seed=10))
+    assert trainer.kl_ctl.value == pytest.approx(float(trainer.state.kl.value))
+    trainer.kl_ctl.value = 0.05  # a script's manual override is what the next step uses
+    stats = trainer.step(*batch(tokenizer, seed=11))
+    assert stats["objective/kl_coef"] == pytest.approx(0.05)
+    assert trainer.kl_ctl.value == pytest.approx(float(trainer.state.kl.value)) != pytest.approx(0.05)
+    fixed = PPOTrainer(make_config(adap_kl_ctrl=False), fresh(model), tokenizer=tokenizer)
+    assert isinstance(fixed.kl_ctl, FixedKLController) and fixed.kl_ctl.value == pytest.approx(0.2)
+
+
+def test_lr_scheduler_sets_the_rate_of_each_step_and_is_logged(model, tokenizer):
+    schedule = optax.linear_schedule(1e-3, 0.0, transition_steps=4)  # the default Adam: no recompile
+    tr = PPOTrainer(make_config(), fresh(model), tokenizer=tokenizer, lr_scheduler=schedule)
+    rates = [tr.step(*batch(tokenizer, seed=12 + i))["ppo/learning_rate"] for i in range(2)]
+    np.testing.assert_allclose(rates, [1e-3, 7.5e-4], rtol=1e-6)
+    with pytest.raises(ValueError, match="optax schedule"):
+        PPOTrainer(make_config(), fresh(model), tokenizer=tokenizer, lr_scheduler=0.1)
+    with pytest.raises(ValueError, match="inject_hyperparams"):
+        PPOTrainer(make_config(), fresh(model), tokenizer=tokenizer, optimizer=optax.adam(1e-3), lr_scheduler=schedule)
+    with pytest.warns(UserWarning, match="NaN"):  # an opaque optimizer cannot report its rate
+        PPOTrainer(make_config(), fresh(model), tokenizer=tokenizer, optimizer=optax.adam(1e-3))
+
+
+def test_early_stopping_leaves_the_skipped_epochs_out_of_the_stats(trainer, model, tokenizer):
+    full = trainer.step(*batch(tokenizer, seed=14))
+    T = 8 + 8 - 1  # one (query, response) bucket
+    assert full["ppo/policy/ratio"].size == 2 * BATCH * T
+    tr = PPOTrainer(make_config(early_stopping=True, target_kl=-1e9), fresh(model), tokenizer=tokenizer)
+    stats = tr.step(*batch(tokenizer, seed=14))
+    assert stats["ppo/epochs_run"] == 1
+    for key in ("ppo/policy/ratio", "ppo/policy/advantages"):
+        assert stats[key].size == BATCH * T and not np.any(stats[key] == -1.0), key
+
+
+def test_step_rejects_response_masks_that_leave_fewer_than_two_tokens(trainer, tokenizer):
+    queries, responses, scores = batch(tokenizer, seed=15)
+    masks = [np.zeros(len(r), np.int64) for r in responses]
+    masks[0][0] = 1  # one token in the whole batch: whitening the advantages is undefined
+    step_before = int(trainer.state.step)
+    with pytest.raises(ValueError):
+        trainer.step(queries, responses, scores, response_masks=masks)
+    with pytest.raises(ValueError):
+        trainer.step(queries, responses, scores, response_masks=[np.zeros(len(r), np.int64) for r in responses])
+    assert int(trainer.state.step) == step_before
+
+
+def test_dataloader_rows_epochs_and_columns(model, tokenizer):
+    import datasets
+
+    tuples = [(np.arange(3) + i, np.arange(3) * i, f"q{i}", float(i)) for i in range(6)]
+    tr = PPOTrainer(make_config(), fresh(model), tokenizer=tokenizer, dataset=tuples)
+    (q, r, text, score), = list(tr.dataloader)[:1]  # torch default_collate: a list of stacked fields
+    assert q.shape == (BATCH, 3) and r.shape == (BATCH, 3) and isinstance(text, list) and score.shape == (BATCH,)
+    first, second = [b[2] for b in tr.dataloader], [b[2] for b in tr.dataloader]
+    assert len(first) == len(second) == 1 and first != second  # each loop is a fresh shuffled epoch
+    with pytest.warns(UserWarning, match="No dataset is provided"):
+        PPOTrainer(make_config(), fresh(model), tokenizer=tokenizer)
+    small = PPOTrainer(make_config(), fresh(model), tokenizer=tokenizer, dataset=tuples[:3])
+    assert len(small.dataloader) == 0 and list(small.dataloader) == []  # drop_last
+    ds = datasets.Dataset.from_dict({"input_ids": [[1, 2]] * 4, "query": ["a"] * 4, "review": ["long"] * 4})
+    kept = PPOTrainer(make_config(), fresh(model), tokenizer=tokenizer, dataset=ds)
+    assert set(next(iter(kept.dataloader))) == {"input_ids", "query"}  # TRL's remove_unused_columns
+    everything = PPOTrainer(make_config(remove_unused_columns=False), fresh(model), tokenizer=tokenizer, dataset=ds)
+    assert set(next(iter(everything.dataloader))) == {"input_ids", "query", "review"}

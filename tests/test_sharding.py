@@ -423,7 +423,8 @@ def test_ppo_trainer_on_a_mesh_matches_one_device(tiny_tokenizer):
 
     def run(mesh):
         config = PPOConfig(batch_size=8, mini_batch_size=4, ppo_epochs=2, learning_rate=1e-3)
-        trainer = PPOTrainer(config, model, tokenizer=tiny_tokenizer, optimizer=optax.adam(1e-3, eps=1e-6), mesh=mesh)
+        policy = AutoModelForCausalLMWithValueHead(model.module, model.params)  # a trainer publishes trained params on it
+        trainer = PPOTrainer(config, policy, tokenizer=tiny_tokenizer, optimizer=optax.adam(1e-3, eps=1e-6), mesh=mesh)
         return trainer, trainer.step(queries, responses, scores)
 
     base, base_stats = run(None)

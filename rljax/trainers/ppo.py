@@ -8,32 +8,48 @@ is the pure functions in ``rljax.ppo`` / ``rljax.ppo_train``; the state is a
 A TRL script ports by changing imports and turning tensors into arrays::
 
     trainer = PPOTrainer(config, model, ref_model=None, tokenizer=tokenizer, dataset=ds)
-    for batch in trainer.dataloader:
+    for batch in trainer.dataloader:  # one shuffled epoch per loop
         responses = trainer.generate(batch["input_ids"], return_prompt=False, **gen_kwargs)
         stats = trainer.step(batch["input_ids"], responses, scores)
         trainer.log_stats(stats, batch, scores)
+    model.save_pretrained("out")  # model.params is the trained state, as TRL's in-place model
 """
 from __future__ import annotations
 
+import copy
 import os
 import re
 import time
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from collections import OrderedDict
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from rljax.core import convert_to_scalar, stats_to_np
-from rljax.data import BatchIterator, bucket_length, pad_sequences
-from rljax.ppo import PPOConfig, validate_scores
+from rljax.core import check_whiten_mask, convert_to_scalar, logprobs_from_logits, stats_to_np
+from rljax.data import bucket_length, pad_sequences
+from rljax.losses import ppo_loss
+from rljax.ppo import (
+    AdaptiveKLController,
+    FixedKLController,
+    PPOConfig,
+    compute_advantages,
+    compute_rewards,
+    kl_penalty,
+    validate_scores,
+)
 from rljax.ppo_train import (
     PPOTrainState,
+    drop_skipped_epochs,
+    freeze_params,
+    has_learning_rate,
     make_forward_rollout,
     make_ppo_optimizer,
     make_ppo_step,
+    set_learning_rate,
 )
 
 _LAYER = re.compile(r"(?:^|/)(?:h|layers)_(\d+)(?:/|$)")
@@ -62,21 +78,31 @@ def shared_layer_mask(params: Any, num_shared_layers: int) -> Any:
 
 
 def create_reference_model(model: Any, num_shared_layers: Optional[int] = None, pattern: Optional[str] = None):
-    """A frozen reference for ``model`` (an object with ``.module``/``.params``, or params).
+    """A frozen reference for ``model``: a model object of the same kind (``.module``/``.params``).
 
-    Returns ``ref_params``. Without ``num_shared_layers`` it is a copy of all params. With
-    ``num_shared_layers=k`` (deliberate fix: TRL 0.7.11 shares nothing in memory, it freezes the policy's first layers instead) the embeddings and first ``k``
-    layers are really shared: they are left out of ``ref_params`` and read from the
-    (frozen) policy params at reference time, so they cost no extra memory.
+    ``model``: an ``AutoModelForCausalLMWithValueHead`` (or any object with ``.module`` and
+    ``.params``), or a ``(module, params)`` pair (then the result is an
+    ``AutoModelForCausalLMWithValueHead``). Without ``num_shared_layers`` the reference holds a
+    copy of all params. With ``num_shared_layers=k`` the embeddings and first ``k`` layers are
+    not copied: the reference holds the policy's own arrays there (``ref.num_shared_layers = k``
+    records it) and ``PPOTrainer(config, model, ref)`` keeps those layers frozen in the policy
+    and reads them from the policy at reference time, so they cost no extra memory
+    (deliberate difference: TRL 0.7.11 freezes them but keeps a second copy).
     """
     if pattern is not None:
         raise ValueError("Custom layer patterns are not needed in rljax: layers are found by name (h_i / layers_i).")
-    params = model.params if hasattr(model, "params") else model
-    copy = jax.tree_util.tree_map(jnp.array, params)
+    source = _as_model_object(model)
+    params = source.params
     if num_shared_layers is None:
-        return copy
-    mask = flatten_dict(shared_layer_mask(params, num_shared_layers))
-    return unflatten_dict({p: v for p, v in flatten_dict(copy).items() if not mask[p]})
+        ref_params = _copy_tree(params)
+    else:
+        shared = flatten_dict(shared_layer_mask(params, num_shared_layers))
+        ref_params = unflatten_dict(
+            {p: (v if shared[p] else jnp.array(v, copy=True)) for p, v in flatten_dict(params).items()}
+        )
+    ref = _with_params(source, ref_params)
+    _set_attr(ref, "num_shared_layers", num_shared_layers)
+    return ref
 
 
 def merge_reference(params: Any, ref_params: Any) -> Any:
@@ -85,18 +111,109 @@ def merge_reference(params: Any, ref_params: Any) -> Any:
     return unflatten_dict({p: flat_ref.get(p, v) for p, v in flatten_dict(params).items()})
 
 
+def _shares_layers(params: Any, ref_params: Any, num_shared_layers: int) -> bool:
+    """Whether ``ref_params`` holds the very arrays of ``params`` in the first ``k`` layers."""
+    shared = flatten_dict(shared_layer_mask(params, num_shared_layers))
+    flat, flat_ref = flatten_dict(params), flatten_dict(ref_params)
+    return all(flat_ref.get(p) is flat[p] for p, s in shared.items() if s)
+
+
+# ==========================================================================
+# Data
+# ==========================================================================
+
+# TRL keeps the columns the value-head model's forward takes, plus these (for logging).
+_SIGNATURE_COLUMNS = ("input_ids", "past_key_values", "attention_mask", "kwargs", "label", "query", "response")
+
+
+def default_collate(rows: List[Any]) -> Any:
+    """TRL's default (torch ``default_collate``) on numpy: dict rows give a dict of columns and
+    tuple rows a list of fields. A field of equal-shape arrays or of numbers is stacked into one
+    array; anything else (strings, ragged token arrays) stays a list. Deliberate difference:
+    dict columns always stay lists (ragged ``input_ids`` are the rule in PPO; TRL's examples
+    pass a list-collator for that), and ragged fields do not raise."""
+    first = rows[0]
+    if isinstance(first, Mapping):
+        return {k: [r[k] for r in rows] for k in first}
+    if isinstance(first, tuple) or (isinstance(first, list) and not _is_number(first)):
+        return [_collate_field(list(field)) for field in zip(*rows)]
+    return _collate_field(rows)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float, np.number)) and not isinstance(x, bool)
+
+
+def _collate_field(items: List[Any]) -> Any:
+    if all(_is_number(x) for x in items):
+        return np.asarray(items)
+    if all(hasattr(x, "shape") and hasattr(x, "dtype") for x in items):
+        arrays = [_to_numpy(x) for x in items]
+        if len({a.shape for a in arrays}) == 1:
+            return np.stack(arrays)
+        return arrays
+    return list(items)
+
+
+class PPODataLoader:
+    """TRL's ``DataLoader(dataset, batch_size, shuffle=True, drop_last=True, collate_fn)``.
+
+    Every ``for batch in loader`` is one fresh epoch in a new shuffled order (epoch ``e`` uses
+    ``np.random.default_rng([seed, e])``); ``len(loader)`` counts its batches, 0 when the
+    dataset is smaller than a batch (``drop_last``). Rows may be dicts or tuples (see
+    ``default_collate``); ``collate_fn`` replaces it.
+    """
+
+    def __init__(self, dataset: Any, batch_size: int, collate_fn: Optional[Callable] = None, *,
+                 shuffle: bool = True, drop_last: bool = True, seed: int = 0):
+        if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
+            raise ValueError(
+                f"dataset must support len() and indexing (a datasets.Dataset or a list of rows), got {type(dataset).__name__}."
+            )
+        self.dataset, self.batch_size = dataset, int(batch_size)
+        self.collate_fn = collate_fn if collate_fn is not None else default_collate
+        self.shuffle, self.drop_last, self.seed = shuffle, drop_last, seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        n = len(self.dataset)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[Any]:
+        n = len(self.dataset)
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(n) if self.shuffle else np.arange(n)
+        self.epoch += 1
+        for b in range(len(self)):
+            rows = [self.dataset[int(i)] for i in order[b * self.batch_size : (b + 1) * self.batch_size]]
+            yield self.collate_fn(rows)
+
+
 # ==========================================================================
 # The shell
 # ==========================================================================
 
 
 class PPOTrainer:
-    """``PPOTrainer(config, model, ref_model=None, tokenizer=None, dataset=None, ...)``.
+    """``PPOTrainer(config, model, ref_model=None, tokenizer=None, dataset=None, optimizer=None,
+    data_collator=None, num_shared_layers=None, lr_scheduler=None, mesh=None)``.
 
     ``model``: an ``AutoModelForCausalLMWithValueHead`` (``.module``, ``.params``) or a
-    ``(module, params)`` pair whose module returns ``.logits`` and ``.values``.
-    ``ref_model``: the same kinds, or None for ``create_reference_model(model,
-    num_shared_layers)``. ``optimizer``: an optax transformation (default: TRL's Adam).
+    ``(module, params)`` pair whose module returns ``.logits`` and ``.values``. As in TRL, where
+    training updates the model in place, ``model.params`` is the trained state after every
+    ``step`` (so ``model.save_pretrained`` saves it). The trainer trains on its own copy and
+    donates it to each jitted step: arrays read from ``model.params`` before a step are invalid
+    after it; read ``model.params`` again. ``ref_model``: the same kinds,
+    ``create_reference_model(model, num_shared_layers=k)``, or None for
+    ``create_reference_model(model, num_shared_layers)``. ``optimizer``: an optax
+    transformation (default: TRL's Adam); shared layers stay frozen whatever it is.
+    ``lr_scheduler``: an optax schedule (any callable ``step -> learning rate``); the ``k``-th
+    ``step`` call (from 0) runs at ``lr_scheduler(k)``, as TRL steps its scheduler once per
+    ``step``. It sets the optimizer's injected ``learning_rate`` (the default optimizer has
+    one; wrap a custom one in ``optax.inject_hyperparams``).
+
+    TRL attributes: ``config``, ``model``, ``ref_model``, ``tokenizer``, ``optimizer``,
+    ``lr_scheduler``, ``kl_ctl`` (its ``.value`` is the state's coefficient; setting it is
+    used by the next step), ``dataset``, ``dataloader``, ``current_step``.
     """
 
     def __init__(
@@ -109,49 +226,116 @@ class PPOTrainer:
         optimizer: Any = None,
         data_collator: Optional[Callable] = None,
         num_shared_layers: Optional[int] = None,
-        lr_scheduler: Any = None,
+        lr_scheduler: Optional[Callable[[int], Any]] = None,
         mesh: Any = None,
     ):
         self.config = config = config if config is not None else PPOConfig()
         if model is None:
             raise ValueError("PPOTrainer needs a model: AutoModelForCausalLMWithValueHead.from_pretrained(...).")
-        if lr_scheduler is not None:
-            raise ValueError("Pass a schedule inside the optax optimizer (e.g. optax.adam(optax.linear_schedule(...))).")
-        self.module, params = _unpack(model)
-        # The jitted step donates the state: train on copies so the caller's arrays stay valid.
-        params = _copy_tree(params)
+        if lr_scheduler is not None and not callable(lr_scheduler):
+            raise ValueError(
+                f"lr_scheduler must be an optax schedule (a callable step -> learning rate, e.g. "
+                f"optax.exponential_decay(1e-5, 1, 0.9)), got {type(lr_scheduler).__name__}."
+            )
+        self.model = _as_model_object(model)
+        self.module = self.model.module
         self.tokenizer = tokenizer
-        if ref_model is not None and num_shared_layers is not None:
-            warnings.warn("num_shared_layers is ignored when a ref_model is given (TRL behaviour).")
-            num_shared_layers = None
+        config.world_size = jax.process_count()
+        config.global_backward_batch_size = config.backward_batch_size * config.world_size
+        config.global_batch_size = config.batch_size * config.world_size
+        config.is_encoder_decoder, config.is_peft_model = False, False
+
+        # The jitted step donates the state: train on copies so the caller's arrays stay valid.
+        policy = self.model.params
+        params = _copy_tree(policy)
+        shared: Optional[int] = None
         if ref_model is None:
-            ref_params = create_reference_model(params, num_shared_layers)
-            trainable = None
-            if num_shared_layers is not None:
-                trainable = jax.tree_util.tree_map(lambda s: not s, shared_layer_mask(params, num_shared_layers))
+            shared = num_shared_layers
+            if shared is not None:
+                shared_layer_mask(policy, shared)  # validates k against the model's layers
+            self.ref_model = _with_params(self.model, policy)  # re-pointed at the state below
+            _set_attr(self.ref_model, "num_shared_layers", shared)
+            ref_full = None
         else:
-            ref_module, ref_params = _unpack(ref_model)
-            ref_params = _copy_tree(ref_params)
-            if type(ref_module) is not type(self.module):
+            if num_shared_layers is not None:
+                warnings.warn(
+                    "num_shared_layers is ignored when a ref_model is provided: the given reference is used as it is "
+                    "(to share layers, pass ref_model=create_reference_model(model, num_shared_layers=k)).",
+                    UserWarning,
+                )
+            ref_obj = _as_model_object(ref_model)
+            if ref_obj is self.model:  # the same object cannot hold the policy and the frozen reference
+                ref_obj = _with_params(ref_obj, ref_obj.params)
+            if type(ref_obj.module) is not type(self.module):
                 raise ValueError("ref_model must be the same architecture as model (a value-head model of the same family).")
+            ref_full = ref_obj.params
+            k = getattr(ref_obj, "num_shared_layers", None)
+            if k is not None and _shares_layers(policy, ref_full, k):
+                shared = k  # create_reference_model(model, num_shared_layers=k) of this very model
+            self.ref_model = ref_obj
+        if shared is not None:
+            mask = flatten_dict(shared_layer_mask(policy, shared))
+            source = flatten_dict(policy if ref_full is None else ref_full)
+            ref_params = _copy_tree(unflatten_dict({p: v for p, v in source.items() if not mask[p]}))
+            trainable = jax.tree_util.tree_map(lambda s: not s, shared_layer_mask(params, shared))
+        else:
+            ref_params = params if ref_full is None else ref_full
+            ref_params = _copy_tree(ref_params)
             trainable = None
-        self.num_shared_layers = num_shared_layers
-        tx = optimizer if optimizer is not None else make_ppo_optimizer(config, trainable)
+        self.num_shared_layers = shared
+
+        if optimizer is None:
+            self.optimizer = make_ppo_optimizer(config, trainable)
+            tx = self.optimizer
+        else:
+            self.optimizer = optimizer
+            tx = optimizer if trainable is None else freeze_params(optimizer, trainable)
+        self.lr_scheduler = lr_scheduler
         self.state = PPOTrainState.create(params, ref_params, config, tx=tx)
-        self.kl_ctl_value = float(config.init_kl_coef)
+        if not has_learning_rate(self.state.opt_state):
+            if lr_scheduler is not None:
+                raise ValueError(
+                    "lr_scheduler needs an optimizer whose learning rate is a hyperparameter: pass "
+                    "optimizer=optax.inject_hyperparams(optax.adam)(learning_rate=...), or put the schedule inside "
+                    "your optimizer and drop lr_scheduler."
+                )
+            warnings.warn(
+                "ppo/learning_rate will be NaN: this optimizer does not expose its learning rate. Build it with "
+                "optax.inject_hyperparams (e.g. optax.inject_hyperparams(optax.adam)(learning_rate=1e-5)) to log it.",
+                UserWarning,
+            )
+        if config.adap_kl_ctrl:
+            self.kl_ctl = AdaptiveKLController(config.init_kl_coef, config.target, config.horizon)
+        else:
+            self.kl_ctl = FixedKLController(config.init_kl_coef)
+        self.kl_ctl.state = self.state.kl
         self.mesh = mesh
-        if mesh is None:
-            self._forward = jax.jit(self._forward_fn())
-            self._ppo_step = jax.jit(make_ppo_step(self.module, config), donate_argnums=(0,))
+        if mesh is None:  # equal settings share one jitted function (and its compiled programs)
+            shared_ref = self.num_shared_layers is not None
+            self._forward = _cached_jit(
+                ("forward", self.module, config.kl_penalty, shared_ref), lambda: jax.jit(self._forward_fn())
+            )
+            self._ppo_step = _cached_jit(
+                ("ppo_step", self.module, _config_key(config)),
+                lambda: jax.jit(make_ppo_step(self.module, config), donate_argnums=(0,)),
+            )
         else:
             self._jit_on_mesh(mesh)
         self.dataset = dataset
         self.data_collator = data_collator
-        self.dataloader = self.prepare_dataloader(dataset, data_collator) if dataset is not None else None
+        if dataset is None:
+            warnings.warn(
+                "No dataset is provided. Make sure to set config.batch_size to the correct value before training.",
+                UserWarning,
+            )
+            self.dataloader = None
+        else:
+            self.dataloader = self.prepare_dataloader(dataset, data_collator)
         self.current_step = 0
         self.log_history: List[Dict[str, Any]] = []
         self._logger = None
         self._gen_rng = jax.random.PRNGKey(config.seed + 1)
+        self._publish()
 
     # -- helpers ----------------------------------------------------------------------------
     def _forward_fn(self):
@@ -192,17 +376,45 @@ class PPOTrainer:
             out_shardings=(sh, replicated(mesh)), donate_argnums=(0,),
         )
 
+    def _ref_full_params(self) -> Any:
+        if self.num_shared_layers is None:
+            return self.state.ref_params
+        return merge_reference(self.state.params, self.state.ref_params)
+
+    def _publish(self) -> None:
+        """Point ``model.params``, ``ref_model.params`` and ``kl_ctl`` at the current state (TRL
+        updates them in place). Done after every step: the step donates the old arrays."""
+        _set_attr(self.model, "params", self.state.params)
+        _set_attr(self.ref_model, "params", self._ref_full_params())
+        self.kl_ctl.state = self.state.kl
+
+    def _sync_before_step(self) -> None:
+        """Feed host-side changes into the state: a ``kl_ctl.value`` set by the user, and the
+        scheduled learning rate of this step."""
+        if self.kl_ctl.state is not self.state.kl:
+            self.state = self.state.replace(kl=self.kl_ctl.state)
+        if self.lr_scheduler is not None:
+            lr = float(self.lr_scheduler(self.current_step))
+            self.state = self.state.replace(opt_state=set_learning_rate(self.state.opt_state, lr))
+
     @property
     def params(self):
         return self.state.params
 
-    def prepare_dataloader(self, dataset: Any, data_collator: Optional[Callable] = None) -> BatchIterator:
-        """Shuffled batches of ``config.batch_size`` (drop_last, as TRL), one epoch per iteration."""
-        collate = data_collator if data_collator is not None else _collate_columns
-        return BatchIterator(
-            dataset, self.config.batch_size, shuffle=True, seed=self.config.seed, drop_last=True, num_epochs=1,
-            collate_fn=collate,
-        )
+    @property
+    def kl_ctl_value(self) -> float:
+        return self.kl_ctl.value
+
+    def prepare_dataloader(self, dataset: Any, data_collator: Optional[Callable] = None) -> PPODataLoader:
+        """Shuffled batches of ``config.batch_size`` (drop_last, as TRL), a fresh epoch per
+        iteration. A ``datasets.Dataset`` loses the columns TRL removes
+        (``config.remove_unused_columns``): all but input_ids, attention_mask, label, query, response."""
+        names = getattr(dataset, "column_names", None)
+        if self.config.remove_unused_columns and isinstance(names, list) and hasattr(dataset, "remove_columns"):
+            unused = [c for c in names if c not in _SIGNATURE_COLUMNS]
+            if unused:
+                dataset = dataset.remove_columns(unused)
+        return PPODataLoader(dataset, self.config.batch_size, data_collator, seed=self.config.seed)
 
     def _pad_token_id(self) -> int:
         if self.tokenizer is not None and self.tokenizer.pad_token_id is not None:
@@ -210,6 +422,105 @@ class PPOTrainer:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             return int(self.tokenizer.eos_token_id)
         return 0
+
+    # -- TRL's building blocks, on host arrays (for scripts and tests; step() fuses them) ---
+    def prepare_model_inputs(self, queries: Sequence[Any], responses: Sequence[Any]) -> Dict[str, np.ndarray]:
+        """``{"input_ids", "attention_mask"}`` [batch, max_len] of ``query + response``, padded
+        on the tokenizer's ``padding_side`` (default right) with its pad id, as TRL's collator."""
+        seqs = [np.concatenate([_to_numpy(q), _to_numpy(r)]).astype(np.int32) for q, r in zip(queries, responses)]
+        side = getattr(self.tokenizer, "padding_side", "right") or "right"
+        L = max(len(x) for x in seqs)
+        return {
+            "input_ids": pad_sequences(seqs, self._pad_token_id(), side, L),
+            "attention_mask": pad_sequences([np.ones(len(x), np.int32) for x in seqs], 0, side, L),
+        }
+
+    def batched_forward_pass(
+        self,
+        model: Any,
+        queries: Sequence[Any],
+        responses: Sequence[Any],
+        model_inputs: Dict[str, Any],
+        return_logits: bool = False,
+        response_masks: Optional[Sequence[Any]] = None,
+    ):
+        """TRL's forward pass in eval mode, ``mini_batch_size`` rows at a time, on
+        ``prepare_model_inputs``' layout. ``model``: e.g. ``trainer.model`` / ``trainer.ref_model``.
+
+        Returns ``(logprobs [B, L-1], logits [B, L-1, V] or None, values [B, L-1], masks [B, L-1])``:
+        position ``t`` scores token ``t+1``; ``masks`` is 1 on each row's response tokens
+        (times ``response_masks``).
+        """
+        module, params = _unpack(model)
+        fwd = self._eval_forward(module)
+        ids = np.asarray(model_inputs["input_ids"])
+        am = np.asarray(model_inputs["attention_mask"])
+        L = ids.shape[1]
+        # Extra right padding to a bucketed length (few compiled shapes) cannot change the
+        # outputs at the first L positions of a causal model; it is cut off again below.
+        W = bucket_length(L, 8)
+        ids_w = np.pad(ids, ((0, 0), (0, W - L)), constant_values=self._pad_token_id())
+        am_w = np.pad(am, ((0, 0), (0, W - L)))
+        fbs = self.config.mini_batch_size
+        chunks = [fwd(params, ids_w[i : i + fbs], am_w[i : i + fbs]) for i in range(0, len(ids), fbs)]
+        logprobs, logits, values = (jnp.concatenate(parts)[:, : L - 1] for parts in zip(*chunks))
+        # Response positions: token t+1 is a response token (left padding offsets the start).
+        qlen = np.array([len(q) for q in queries])
+        rlen = np.array([len(r) for r in responses])
+        start = qlen - 1 + np.where(am[:, 0] == 0, np.argmax(am > 0, axis=1), 0)
+        pos = np.arange(ids.shape[1] - 1)[None, :]
+        inside = (pos >= start[:, None]) & (pos < (start + rlen)[:, None])
+        masks = (am[:, 1:] * inside).astype(np.int32)
+        if response_masks is not None:
+            extra = np.zeros_like(masks)
+            for j, m in enumerate(response_masks):  # host-side helper, one row at a time is fine
+                m = _to_numpy(m).astype(np.int32)
+                extra[j, start[j] : start[j] + len(m)] = m[: max(0, masks.shape[1] - start[j])]
+            masks = masks * extra
+        return logprobs, (logits if return_logits else None), values, jnp.asarray(masks)
+
+    def _eval_forward(self, module: Any) -> Callable:
+        """Jitted ``(params, ids, mask) -> (logprobs, logits, values)``, each shifted to [B, W-1]."""
+
+        def build():
+            def fwd(params, ids, am):
+                out = module.apply({"params": params}, ids, am, deterministic=True)
+                logits = out.logits[:, :-1]
+                return logprobs_from_logits(logits, ids[:, 1:]), logits, out.values[:, :-1].astype(jnp.float32)
+
+            return jax.jit(fwd)
+
+        return _cached_jit(("eval_forward", module), build)
+
+    def compute_rewards(self, scores: Any, logprobs: Any, ref_logprobs: Any, masks: Any):
+        """TRL's per-token rewards at the current ``kl_ctl.value`` (``rljax.ppo.compute_rewards``).
+        Returns (rewards, non_score_rewards, kls), each [B, T]."""
+        scores = jnp.asarray(_to_numpy(scores), jnp.float32).reshape(-1)
+        return _compute_rewards_jit(scores, logprobs, ref_logprobs, masks, self.kl_ctl.value, self.config.kl_penalty)
+
+    def compute_advantages(self, values: Any, rewards: Any, mask: Any):
+        """TRL's GAE + whitening (``rljax.ppo.compute_advantages``): (values, advantages, returns).
+        Raises ValueError when ``mask`` has fewer than 2 tokens (whitening is undefined)."""
+        check_whiten_mask(np.asarray(mask))
+        c = self.config
+        return _compute_advantages_jit(values, rewards, mask, c.gamma, c.lam, whiten_rewards=c.whiten_rewards)
+
+    def loss(self, old_logprobs, values, logits, vpreds, logprobs, mask, advantages, returns):
+        """TRL's ``loss``: ``(pg_loss, vf_coef * vf_loss, stats)`` (``rljax.losses.ppo_loss``);
+        warns, as TRL, when the batch is skipped by ``ratio_threshold``."""
+        c = self.config
+        args = [jnp.asarray(_to_numpy(x)) for x in (old_logprobs, values, logits, vpreds, logprobs, mask, advantages, returns)]
+        pg_loss, vf_loss, stats = _ppo_loss_jit(
+            *args, cliprange=c.cliprange, cliprange_value=c.cliprange_value, vf_coef=c.vf_coef,
+            ratio_threshold=c.ratio_threshold,
+        )
+        if float(stats["skipped"]) > 0:
+            warnings.warn(f"The average ratio of batch exceeds threshold {c.ratio_threshold:.2f}. Skipping batch.")
+        return pg_loss, vf_loss, stats
+
+    def _kl_penalty(self, logprob: Any, ref_logprob: Any):
+        """TRL's per-token KL penalty of ``config.kl_penalty`` (``rljax.ppo.kl_penalty``)."""
+        return kl_penalty(jnp.asarray(_to_numpy(logprob)), jnp.asarray(_to_numpy(ref_logprob)), self.config.kl_penalty)
 
     # -- generation -------------------------------------------------------------------------
     def generate(
@@ -270,61 +581,89 @@ class PPOTrainer:
         return (outs, ref_outs) if generate_ref_response else outs
 
     # -- the step ---------------------------------------------------------------------------
-    def _validate(self, queries, responses, scores, response_masks):
-        bs = self.config.batch_size
+    def _step_safety_checker(
+        self,
+        batch_size: Optional[int],
+        queries: Sequence[Any],
+        responses: Sequence[Any],
+        scores: Any,
+        masks: Optional[Sequence[Any]] = None,
+    ):
+        """TRL's input checks, before anything touches the state: queries/responses lists of
+        ``batch_size`` non-empty 1-D token arrays (numpy, jax or torch), scores ``batch_size``
+        scalars (0-d / one-element arrays or numbers, or one 1-D array; finite), masks like
+        the responses. Returns ``(queries, responses, scores, masks)``: lists of numpy arrays
+        and float32 scalars. Raises ValueError naming the argument."""
         for name, xs in (("queries", queries), ("responses", responses)):
             if not isinstance(xs, (list, tuple)):
-                raise ValueError(f"{name} must be a list of 1-D token arrays, got {type(xs).__name__}.")
-            if len(xs) != bs:
-                raise ValueError(f"Batch size ({bs}) does not match number of examples - but got {len(xs)} for: {name}")
-        for i, r in enumerate(responses):
-            if np.asarray(r).ndim != 1 or np.asarray(r).size == 0:
-                raise ValueError(f"responses[{i}] is empty or not 1-D; every response needs at least one token.")
-        for i, q in enumerate(queries):
-            if np.asarray(q).ndim != 1 or np.asarray(q).size == 0:
-                raise ValueError(f"queries[{i}] is empty or not 1-D.")
-        if response_masks is not None:
-            if len(response_masks) != bs:
-                raise ValueError(f"response_masks has {len(response_masks)} entries, expected {bs}.")
-            for i, (m, r) in enumerate(zip(response_masks, responses)):
-                if np.shape(m) != np.shape(r):
-                    raise ValueError(f"response_masks[{i}] has shape {np.shape(m)}, its response {np.shape(r)}.")
-        return validate_scores(scores, bs)
+                raise ValueError(f"{name} must be a list of 1-D token arrays - got {type(xs).__name__}")
+            if batch_size is not None and len(xs) != batch_size:
+                raise ValueError(f"Batch size ({batch_size}) does not match number of examples - but got {len(xs)} for: {name}")
+            for i, x in enumerate(xs):
+                if not hasattr(x, "shape"):
+                    raise ValueError(f"Elements in {name} must be arrays - got {type(x).__name__} at {name}[{i}]")
+                if len(x.shape) != 1 or x.shape[0] == 0:
+                    raise ValueError(f"{name}[{i}] has shape {tuple(x.shape)}; every entry must be a non-empty 1-D token array.")
+        n = batch_size if batch_size is not None else len(queries)
+        if isinstance(scores, (list, tuple)):
+            for i, s in enumerate(scores):
+                if np.ndim(_to_numpy(s)) > 1:
+                    raise ValueError(f"Scores must be 1-dimensional - got {np.ndim(_to_numpy(s))} for scores[{i}]")
+        scores = [np.float32(s) for s in validate_scores(scores, n)]
+        queries = [_to_numpy(q) for q in queries]
+        responses = [_to_numpy(r) for r in responses]
+        if masks is not None:
+            if len(masks) != n:
+                raise ValueError(f"response_masks has {len(masks)} entries, expected {n}.")
+            masks = [_to_numpy(m) for m in masks]
+            for i, (m, r) in enumerate(zip(masks, responses)):
+                if m.shape != r.shape:
+                    raise ValueError(f"response_masks[{i}] has shape {m.shape}, its response {r.shape}.")
+        return queries, responses, scores, masks
 
     def step(self, queries: Sequence[Any], responses: Sequence[Any], scores: Sequence[Any], response_masks=None) -> Dict[str, Any]:
         """One PPO iteration on ``batch_size`` (query, response, score) triples.
 
         queries/responses: lists of 1-D token arrays; scores: list of scalars or a [batch] array.
         ``response_masks``: optional per-response 0/1 masks (tokens to leave out of the loss).
-        Returns TRL's stats dict (numpy arrays and floats) incl. ``time/ppo/*``.
+        Returns TRL's stats dict (numpy arrays and floats) incl. ``time/ppo/*``; the per-token
+        ``ppo/policy/advantages`` and ``ppo/policy/ratio`` leave out epochs skipped by early
+        stopping, as TRL. Afterwards ``model.params`` / ``ref_model.params`` / ``kl_ctl.value``
+        are the new state's.
         """
         t0 = time.time()
-        scores = self._validate(queries, responses, scores, response_masks)
+        queries, responses, scores, response_masks = self._step_safety_checker(
+            self.config.batch_size, queries, responses, scores, response_masks
+        )
         pad = self._pad_token_id()
-        queries = [np.asarray(q) for q in queries]
-        responses = [np.asarray(r) for r in responses]
         P = bucket_length(max(len(q) for q in queries), 8)
         N = bucket_length(max(len(r) for r in responses), 8)
         q = pad_sequences(queries, pad, "left", P)
         qm = pad_sequences([np.ones(len(x), np.int32) for x in queries], 0, "left", P)
         r = pad_sequences(responses, pad, "right", N)
         rm = pad_sequences([np.ones(len(x), np.int32) for x in responses], 0, "right", N)
-        t = time.time()
-        rollout = self._forward(self.state.params, self.state.ref_params, q, qm, r, rm)
+        extra = None
         if response_masks is not None:
             extra = pad_sequences([np.asarray(m) for m in response_masks], 0, "right", N).astype(np.float32)
+        # Advantages are whitened over all response tokens of the batch: that needs at least 2.
+        check_whiten_mask(rm if extra is None else rm * extra)
+        self._sync_before_step()
+        t = time.time()
+        rollout = self._forward(self.state.params, self.state.ref_params, q, qm, r, rm)
+        if extra is not None:
             shifted = np.concatenate([np.zeros((len(queries), P - 1), np.float32), extra], axis=1)
             rollout = rollout.replace(masks=rollout.masks * shifted)
         jax.block_until_ready(rollout.logprobs)
         t_forward = time.time() - t
         t = time.time()
-        self.state, stats = self._ppo_step(self.state, rollout, jnp.asarray(scores))
+        self.state, stats = self._ppo_step(self.state, rollout, jnp.asarray(np.asarray(scores, np.float32)))
+        self._publish()
         jax.block_until_ready(stats)
         t_opt = time.time() - t
         t = time.time()
-        stats = convert_to_scalar(stats_to_np(jax.device_get(stats)))
+        stats = stats_to_np(jax.device_get(stats))
+        stats = convert_to_scalar(drop_skipped_epochs(stats, self.config.ppo_epochs))
         t_stats = time.time() - t
-        self.kl_ctl_value = float(self.state.kl.value)
         if stats["objective/kl"] < -1.0:
             warnings.warn(
                 f"KL divergence is starting to become negative: {stats['objective/kl']:.2f} - this might be a precursor "
@@ -394,6 +733,49 @@ def _copy_tree(tree: Any) -> Any:
     return jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), tree)
 
 
+_compute_rewards_jit = jax.jit(compute_rewards, static_argnames=("kl_penalty",))
+_compute_advantages_jit = jax.jit(compute_advantages, static_argnames=("whiten_rewards",))
+_ppo_loss_jit = jax.jit(ppo_loss)
+
+_JIT_CACHE: "OrderedDict[Any, Callable]" = OrderedDict()
+_JIT_CACHE_SIZE = 16
+
+
+def _cached_jit(key: Any, build: Callable[[], Callable]) -> Callable:
+    """The jitted function for ``key`` (built once; the last ``_JIT_CACHE_SIZE`` kept), so
+    trainers with equal modules and configs reuse compiled programs. Unhashable keys build anew."""
+    try:
+        hash(key)
+    except TypeError:
+        return build()
+    if key in _JIT_CACHE:
+        _JIT_CACHE.move_to_end(key)
+        return _JIT_CACHE[key]
+    fn = _JIT_CACHE[key] = build()
+    if len(_JIT_CACHE) > _JIT_CACHE_SIZE:
+        _JIT_CACHE.popitem(last=False)
+    return fn
+
+
+# The PPOConfig fields make_ppo_step reads (the rest: logging, the optimizer, the KL controller state).
+_STEP_FIELDS = (
+    "batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs", "cliprange", "cliprange_value",
+    "vf_coef", "ratio_threshold", "early_stopping", "target_kl", "use_score_scaling", "use_score_norm",
+    "score_clip", "kl_penalty", "gamma", "lam", "whiten_rewards",
+)
+
+
+def _config_key(config: PPOConfig) -> Tuple[Any, ...]:
+    """What ``make_ppo_step`` reads from ``config``, as one hashable value."""
+    return tuple((name, getattr(config, name)) for name in _STEP_FIELDS)
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    if hasattr(x, "detach") and hasattr(x, "cpu"):  # a torch tensor (TRL users)
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
 def _unpack(model: Any):
     if isinstance(model, tuple) and len(model) == 2:
         return model
@@ -402,9 +784,34 @@ def _unpack(model: Any):
     raise ValueError("model must be an AutoModelForCausalLMWithValueHead (with .module/.params) or a (module, params) pair.")
 
 
-def _collate_columns(examples: List[Dict[str, Any]]) -> Dict[str, list]:
-    """TRL's default PPO collator: a dict of lists, one per column."""
-    return {k: [ex[k] for ex in examples] for k in examples[0]}
+def _as_model_object(model: Any) -> Any:
+    """``model`` itself when it has ``.module``/``.params``; a ``(module, params)`` pair becomes an
+    ``AutoModelForCausalLMWithValueHead`` (so the trainer can publish trained params on it)."""
+    module, params = _unpack(model)
+    if isinstance(model, tuple):
+        from rljax.models.heads import AutoModelForCausalLMWithValueHead
+
+        return AutoModelForCausalLMWithValueHead(module, params)
+    return model
+
+
+def _with_params(model: Any, params: Any) -> Any:
+    """A shallow copy of the model object holding ``params`` (same kind as ``model``)."""
+    other = copy.copy(model)
+    try:
+        other.params = params
+    except AttributeError:  # a read-only params attribute: fall back to the plain wrapper
+        from rljax.models.heads import AutoModelForCausalLMWithValueHead
+
+        other = AutoModelForCausalLMWithValueHead(model.module, params)
+    return other
+
+
+def _set_attr(obj: Any, name: str, value: Any) -> None:
+    try:
+        setattr(obj, name, value)
+    except AttributeError:
+        warnings.warn(f"{type(obj).__name__}.{name} cannot be set; it does not follow the trainer's state.")
 
 
 _GEN_KEYS = {"max_new_tokens", "do_sample", "top_k", "top_p", "temperature", "min_length", "min_new_tokens", "eos_token_id", "pad_token_id", "max_length"}
