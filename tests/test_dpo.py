@@ -194,3 +194,20 @@ def test_dpo_configuration_errors(tiny_tokenizer, model, tmp_path):
     args = config(tmp_path, beta=0.5)
     trainer = DPOTrainer(model, args=args, beta=0.2, tokenizer=tiny_tokenizer)
     assert trainer.args.beta == 0.2 and args.beta == 0.5
+
+
+def test_trl_method_names_give_the_train_step_numbers(trained):
+    trainer = trained[0]
+    batch = trainer.collate(trainer.train_dataset[:4])
+    ref_loss, ref_metrics = jax.jit(trainer.loss_fn)(trainer.params, batch, None)
+    loss, metrics = trainer.get_batch_loss_metrics(trainer.model, batch, train_eval="eval")
+    assert float(loss) == pytest.approx(float(ref_loss), rel=1e-5)
+    assert metrics["eval_rewards/margins"] == pytest.approx(float(ref_metrics["rewards/margins"]), rel=1e-5)
+    pc, pr, chosen_logits, _ = trainer.concatenated_forward(trainer.model, batch)
+    assert chosen_logits.shape[0] == 4
+    losses, _, _ = trainer.dpo_loss(pc, pr, batch["reference_chosen_logps"], batch["reference_rejected_logps"])
+    assert float(np.mean(losses)) == pytest.approx(float(ref_loss), rel=1e-5)
+    # TRL's collated layout (chosen and rejected padded separately) works too
+    rc, rr = trainer.compute_reference_log_probs(trainer.data_collator(trainer.train_dataset[:4]))
+    np.testing.assert_allclose(rc, batch["reference_chosen_logps"], rtol=1e-5)
+    np.testing.assert_allclose(rr, batch["reference_rejected_logps"], rtol=1e-5)
