@@ -12,7 +12,9 @@ _LAZY = {
     # name -> module that defines it
     "PPOConfig": "rljax.ppo",
     "PPOTrainer": "rljax.trainers.ppo",
-    "AutoModelForCausalLMWithValueHead": "rljax.models.heads",
+    "AutoModelForCausalLMWithValueHead": "rljax.models.auto",
+    "AutoModelForCausalLM": "rljax.models.auto",
+    "AutoModelForSequenceClassification": "rljax.models.auto",
     "create_reference_model": "rljax.trainers.ppo",
     "respond_to_batch": "rljax.generation",
     "SFTConfig": "rljax.trainers.sft",

@@ -104,7 +104,10 @@ def test_value_head_init_strategies_and_dropout():
     assert default["kernel"].shape == (256, 1) and default["kernel"].dtype == jnp.float32
     np.testing.assert_array_equal(normal["bias"], 0.0)
     assert 0.17 < float(jnp.std(normal["kernel"])) < 0.23
-    assert float(jnp.std(default["kernel"])) < 0.1  # lecun normal: 1/sqrt(256)
+    # TRL's random init is torch nn.Linear's: kernel AND bias uniform(-1/sqrt(256), 1/sqrt(256))
+    bound = 1 / 16
+    assert float(jnp.abs(default["kernel"]).max()) <= bound and float(jnp.std(default["kernel"])) > 0.6 * bound / 3**0.5
+    assert default["bias"].shape == (1,) and 0 < float(jnp.abs(default["bias"][0])) <= bound
     with pytest.raises(ValueError, match="v_head_init_strategy"):
         ValueHead(0.1, "xavier").init(jax.random.PRNGKey(0), hidden)
 
@@ -188,8 +191,8 @@ def test_from_lm_wraps_an_rljax_lm(lm_dir):
     model = AutoModelForCausalLMWithValueHead.from_pretrained((lm, params))
     assert set(model.params) == set(params) | {"v_head"}
     ids, mask, _ = padded_batch("left")
-    np.testing.assert_array_equal(model(jnp.asarray(ids), jnp.asarray(mask)).logits,
-                                  lm.apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask)).logits)
+    np.testing.assert_allclose(model(jnp.asarray(ids), jnp.asarray(mask)).logits,  # jitted vs eager
+                               lm.apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask)).logits, atol=1e-5)
 
 
 # --- sequence-score head ---------------------------------------------------------------------
@@ -258,3 +261,167 @@ def test_sequence_score_num_labels_mismatch_is_a_clear_error(score_dir):
 def test_last_token_index_handles_both_paddings():
     mask = jnp.array([[0, 0, 1, 1], [1, 1, 0, 0], [1, 1, 1, 1], [0, 1, 0, 0]])
     np.testing.assert_array_equal(last_token_index(mask), [3, 1, 3, 1])
+
+
+# --- HF/TRL-style shells (rljax.models.auto) -----------------------------------------------
+
+from rljax.models import AutoModelForCausalLM, AutoModelForSequenceClassification  # noqa: E402
+from rljax.models.hub import from_pretrained as hub_from_pretrained  # noqa: E402
+
+
+def test_causal_lm_shell_logits_and_loss_match_transformers(lm_dir):
+    torch_model, path = lm_dir
+    model = AutoModelForCausalLM.from_pretrained(path)
+    ids = np.random.RandomState(0).randint(3, VOCAB, (2, 7))
+    labels = ids.copy()
+    labels[0, :3] = -100
+    out = model(ids, attention_mask=np.ones_like(ids), labels=labels)
+    with torch.no_grad():
+        ref = torch_model(input_ids=torch.tensor(ids), labels=torch.tensor(labels))
+    np.testing.assert_allclose(out.logits, ref.logits.numpy(), atol=1e-4)
+    np.testing.assert_allclose(float(out.loss), float(ref.loss), rtol=1e-5)
+    assert out[0] is out.loss and model(ids)[0] is not None and model(ids).loss is None  # HF ModelOutput indexing
+    # the value-head model: TRL's (lm_logits, loss, value) tuple, loss from labels
+    vh = AutoModelForCausalLMWithValueHead.from_pretrained(path)
+    lm_logits, loss, value = vh(torch.tensor(ids), attention_mask=torch.ones(2, 7, dtype=torch.long), labels=labels)
+    np.testing.assert_allclose(lm_logits, out.logits, atol=1e-5)
+    np.testing.assert_allclose(float(loss), float(out.loss), rtol=1e-5)
+    assert value.shape == (2, 7)
+    out_vh = vh(ids)
+    assert out_vh.loss is None and out_vh.values.shape == (2, 7) and out_vh.hidden_states.shape[:2] == (2, 7)
+    # TRL/torch state dict names: the base model's (tied lm_head listed too) plus v_head.summary.*
+    assert set(vh.state_dict()) == set(torch_model.state_dict()) | {"v_head.summary.weight", "v_head.summary.bias"}
+    with pytest.raises(ValueError, match="past_key_values"):
+        vh(ids, past_key_values=((1, 2),))
+
+
+def test_generate_greedy_matches_transformers_generate(lm_dir):
+    torch_model, path = lm_dir
+    model = AutoModelForCausalLMWithValueHead.from_pretrained(path)
+    ids, mask, _ = padded_batch("left")
+    tids, tmask = torch.tensor(ids), torch.tensor(mask)
+    with torch.no_grad():  # HF defaults: greedy, 20 new tokens, eos from the config, stop when all rows end
+        ref = torch_model.generate(tids, attention_mask=tmask, pad_token_id=PAD).numpy()
+    np.testing.assert_array_equal(model.generate(tids, attention_mask=tmask, pad_token_id=PAD), ref)
+
+    # eos and min_length (which counts the prompt, as in HF): no eos before 3 new tokens
+    first = int(ref[0, 9])
+    kw = dict(max_new_tokens=4, eos_token_id=first, pad_token_id=PAD, min_length=9 + 3)
+    with torch.no_grad():
+        ref_min = torch_model.generate(torch.tensor(ids[:1]), **kw).numpy()
+    ours_min = model.generate(ids[:1], **kw)
+    np.testing.assert_array_equal(ours_min, ref_min)
+    assert int(ours_min[0, 9]) != first
+
+
+@pytest.mark.parametrize("lm_dir", ["gpt2"], indirect=True)  # kwarg handling is family-independent
+def test_generate_sampling_rng_and_kwarg_checks(lm_dir):
+    _, path = lm_dir
+    model = AutoModelForCausalLM.from_pretrained(path)
+    ids = np.random.RandomState(1).randint(3, VOCAB, (2, 5))
+    # TRL's PPO example settings (top_k=0.0, min_length=-1); sampled with the model's key stream or rng
+    kw = dict(max_new_tokens=8, do_sample=True, top_k=0.0, top_p=1.0, min_length=-1, eos_token_id=None)
+    a = model.generate(ids, rng=jax.random.PRNGKey(3), **kw)
+    np.testing.assert_array_equal(a, model.generate(ids, rng=jax.random.PRNGKey(3), num_beams=1, use_cache=True, **kw))
+    assert a.shape == (2, 13)
+    assert not np.array_equal(model.generate(ids, **kw), model.generate(ids, **kw))  # fresh keys per call
+    greedy = model.generate(ids, max_new_tokens=8, eos_token_id=None)  # do_sample defaults to False
+    np.testing.assert_array_equal(model.generate(ids, **{**kw, "top_k": 1}), greedy)
+    np.testing.assert_array_equal(model.generate(ids, max_length=13, eos_token_id=None), greedy)  # counts the prompt
+    with pytest.raises(ValueError, match="num_beams"):
+        model.generate(ids, num_beams=4)
+    with pytest.raises(ValueError, match="unknown argument 'foo'"):
+        model.generate(ids, foo=1)
+    with pytest.raises(ValueError, match="do_sample=True"):
+        model.generate(ids, num_return_sequences=2)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        model.generate(ids, max_length=5)  # the prompt already fills max_length
+
+
+def test_trained_params_are_assignable_and_saved(lm_dir, tmp_path):
+    _, path = lm_dir
+    model = AutoModelForCausalLMWithValueHead.from_pretrained(path)
+    trained = jax.tree.map(lambda x: x + 1.0, model.params)
+    model.params = trained  # what trainers do after training
+    model.save_pretrained(str(tmp_path / "vh"))
+    jax.tree.map(np.testing.assert_array_equal,
+                 AutoModelForCausalLMWithValueHead.from_pretrained(str(tmp_path / "vh")).params, trained)
+    # pretrained_model shares the params both ways
+    lm = model.pretrained_model
+    jax.tree.map(np.testing.assert_array_equal, lm.params, lm_params(trained))
+    lm.params = jax.tree.map(lambda x: x * 2.0, lm_params(trained))  # writes the LM part, keeps v_head
+    np.testing.assert_array_equal(model.params["v_head"]["summary"]["bias"], trained["v_head"]["summary"]["bias"])
+    jax.tree.map(np.testing.assert_array_equal, lm_params(model.params), jax.tree.map(lambda x: x * 2.0, lm_params(trained)))
+    lm.save_pretrained(str(tmp_path / "lm"))
+    jax.tree.map(np.testing.assert_array_equal, AutoModelForCausalLM.from_pretrained(str(tmp_path / "lm")).params,
+                 lm_params(model.params))
+    assert os.path.exists(tmp_path / "lm" / "generation_config.json")
+
+
+def test_config_view_is_mutable_like_hf(lm_dir, tmp_path):
+    _, path = lm_dir
+    lm = AutoModelForCausalLM.from_pretrained(path)
+    lm.config.summary_dropout_prob = 0.5
+    lm.config.pad_token_id = PAD  # a field: the module is rebuilt with it
+    assert lm.module.config.pad_token_id == PAD and lm.config.hidden_size == lm.module.config.hidden_size
+    before = lm.module
+    with pytest.raises(ValueError, match="changes the model's parameters"):
+        lm.config.vocab_size = VOCAB + 1
+    assert lm.module is before and lm.config.vocab_size == VOCAB
+    # TRL reads summary_dropout_prob from the config; an explicit kwarg wins (deliberate difference)
+    assert AutoModelForCausalLMWithValueHead.from_pretrained(lm).v_head.dropout.p == 0.5
+    assert AutoModelForCausalLMWithValueHead.from_pretrained(lm, summary_dropout_prob=0.2).v_head.dropout.p == 0.2
+    lm.config.my_extra = "kept"
+    lm.save_pretrained(str(tmp_path))
+    saved = json.load(open(tmp_path / "config.json"))
+    assert saved["my_extra"] == "kept" and saved["pad_token_id"] == PAD and saved["summary_dropout_prob"] == 0.5
+
+
+def test_from_pretrained_accepts_hf_loader_arguments(lm_dir):
+    _, path = lm_dir
+    for torch_dtype in (torch.bfloat16, "bfloat16"):
+        model = AutoModelForCausalLMWithValueHead.from_pretrained(path, torch_dtype=torch_dtype)
+        assert model.pretrained_model.lm_head.weight.dtype == jnp.bfloat16
+        assert model.v_head.summary.weight.dtype == jnp.float32
+    assert AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float16).dtype == jnp.float16
+    auto = AutoModelForCausalLM.from_pretrained(path, torch_dtype="auto", revision="main", low_cpu_mem_usage=True,
+                                                device_map=None)  # a local directory ignores revision
+    assert {x.dtype for x in jax.tree.leaves(auto.params)} == {jnp.dtype(jnp.float32)}
+    _, params = hub_from_pretrained(path, torch_dtype="bfloat16", revision="v1")
+    assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        AutoModelForCausalLMWithValueHead.from_pretrained(path, trust_remote_code=True)
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        sequence_score_from_pretrained(path, trust_remote_code=True)
+    with pytest.raises(ValueError, match="pass only one"):
+        AutoModelForCausalLM.from_pretrained(path, dtype="float32", torch_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="device_map='auto'"):
+        AutoModelForCausalLM.from_pretrained(path, device_map="auto")
+    with pytest.raises(ValueError, match="Unknown dtype"):
+        AutoModelForCausalLM.from_pretrained(path, torch_dtype="float8")
+
+
+def test_value_head_from_pretrained_rejects_what_is_not_a_causal_lm(lm_dir, tmp_path):
+    _, path = lm_dir
+    lm = AutoModelForCausalLM.from_pretrained(path)
+    scorer = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
+    trunk = lm.transformer if "transformer" in lm.params else lm.model
+    for bad in (trunk, scorer, (scorer.module, scorer.params), 42):
+        with pytest.raises(ValueError, match="does not have a language model head"):
+            AutoModelForCausalLMWithValueHead.from_pretrained(bad)
+
+
+def test_sequence_classification_shell(score_dir, tmp_path):
+    torch_model, path, num_labels = score_dir
+    model = AutoModelForSequenceClassification.from_pretrained(path)
+    assert model.num_labels == num_labels
+    module, params = model
+    ids, mask, pos = padded_batch("right")
+    np.testing.assert_allclose(model(ids, attention_mask=mask).logits, torch_scores(torch_model, ids, mask, pos),
+                               atol=1e-4)
+    model.params = jax.tree.map(lambda x: x * 1.5, params)
+    model.save_pretrained(str(tmp_path))
+    reloaded = AutoModelForSequenceClassification.from_pretrained(str(tmp_path))
+    jax.tree.map(np.testing.assert_array_equal, reloaded.params, model.params)
+    with pytest.raises(ValueError, match="no language-model head"):
+        model.generate(ids)

@@ -339,3 +339,37 @@ def test_truncated_weights_file_is_a_clear_error(llama_dir, tmp_path):
     (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="corrupt or truncated"):
         from_pretrained(str(tmp_path))
+
+
+# --- dropout -----------------------------------------------------------------------------------
+
+
+def test_gpt2_attention_dropout_applies_in_training_only():
+    from rljax.models import GPT2Config, init_params
+    from rljax.models.attention import dot_product_attention
+    from rljax.models.gpt2 import GPT2LMHeadModel
+
+    # only attn_pdrop is on, so any train/eval difference comes from attention dropout
+    cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=16,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.3)
+    model = GPT2LMHeadModel(cfg)
+    params = init_params(model, jax.random.PRNGKey(0))
+    ids = jnp.asarray(np.random.RandomState(0).randint(3, VOCAB, (2, 8)))
+    run = jax.jit(lambda rng, det: model.apply({"params": params}, ids, deterministic=det,
+                                                rngs={"dropout": rng}).logits, static_argnums=1)
+    evaluated = run(jax.random.PRNGKey(1), True)
+    np.testing.assert_array_equal(evaluated, run(jax.random.PRNGKey(2), True))
+    train_a, train_b = run(jax.random.PRNGKey(1), False), run(jax.random.PRNGKey(2), False)
+    assert not np.allclose(train_a, evaluated) and not np.allclose(train_a, train_b)
+    np.testing.assert_array_equal(train_a, run(jax.random.PRNGKey(1), False))
+
+    # inverted dropout on the probabilities: unbiased, zeros at the rate, survivors scaled by 1/(1-p)
+    rs = np.random.RandomState(1)
+    q, k, v = (jnp.asarray(rs.randn(1, 4, 2, 8), jnp.float32) for _ in range(3))
+    bias = jnp.zeros((1, 1, 4, 4))
+    exact, no_rng, dropped = jax.jit(lambda keys: (
+        dot_product_attention(q, k, v, bias), dot_product_attention(q, k, v, bias, 0.3, None),
+        jax.vmap(lambda r: dot_product_attention(q, k, v, bias, 0.3, r))(keys)))(
+        jax.random.split(jax.random.PRNGKey(0), 4000))
+    np.testing.assert_allclose(dropped.mean(0), exact, atol=0.05)
+    np.testing.assert_array_equal(no_rng, exact)

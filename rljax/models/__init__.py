@@ -1,8 +1,14 @@
 """Flax causal LMs with HF-compatible parameter names, heads over them, and HF checkpoint I/O."""
 from rljax.models.attention import CausalLMOutput, init_cache
+from rljax.models.auto import (
+    AutoModelForCausalLM,
+    AutoModelForCausalLMWithValueHead,
+    AutoModelForSequenceClassification,
+    GenerationConfig,
+    ValueHeadModelOutput,
+)
 from rljax.models.gpt2 import GPT2Config, GPT2LMHeadModel
 from rljax.models.heads import (
-    AutoModelForCausalLMWithValueHead,
     CausalLMWithValueHead,
     CausalLMWithValueHeadOutput,
     SequenceScoreModel,
@@ -15,6 +21,7 @@ from rljax.models.heads import (
 )
 from rljax.models.hub import (
     abstract_params,
+    as_jax_dtype,
     config_from_dict,
     from_pretrained,
     init_params,
@@ -30,7 +37,11 @@ __all__ = [
     "GPT2LMHeadModel",
     "LlamaConfig",
     "LlamaForCausalLM",
+    "AutoModelForCausalLM",
     "AutoModelForCausalLMWithValueHead",
+    "AutoModelForSequenceClassification",
+    "GenerationConfig",
+    "ValueHeadModelOutput",
     "CausalLMWithValueHead",
     "CausalLMWithValueHeadOutput",
     "SequenceScoreModel",
@@ -41,6 +52,7 @@ __all__ = [
     "sequence_score_from_pretrained",
     "value_head_model_from_pretrained",
     "abstract_params",
+    "as_jax_dtype",
     "config_from_dict",
     "from_pretrained",
     "init_params",

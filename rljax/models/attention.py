@@ -75,13 +75,22 @@ def update_layer_cache(layer_cache: dict, k: jax.Array, v: jax.Array, index) -> 
     return {"k": k_all, "v": v_all}
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
+def dot_product_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    bias: jax.Array,
+    dropout_rate: float = 0.0,
+    dropout_rng: Optional[jax.Array] = None,
+) -> jax.Array:
     """Softmax attention with grouped KV heads (query head i reads KV head i // (heads // kv_heads),
     as HF's ``repeat_kv`` does).
 
     q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, kv_heads, head_dim];
     bias: [batch, 1, q_len, kv_len]. Returns [batch, q_len, heads, head_dim].
-    Softmax runs in float32 whatever the parameter dtype.
+    Softmax runs in float32 whatever the parameter dtype. With a ``dropout_rng`` (training) and
+    ``dropout_rate`` > 0, the attention probabilities are dropped and rescaled by
+    1 / (1 - rate), as HF's ``attn_dropout`` does; without one, nothing is dropped.
     """
     b, q_len, h, d = q.shape
     kv_heads = k.shape[2]
@@ -91,20 +100,28 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Ar
     q = q.reshape(b, q_len, kv_heads, groups, d)
     scores = jnp.einsum("bqhgd,bkhd->bhgqk", q, k).astype(jnp.float32) / jnp.sqrt(d).astype(jnp.float32)
     scores = scores + bias[:, :, None].astype(jnp.float32)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    probs = jax.nn.softmax(scores, axis=-1)
+    if dropout_rng is not None and dropout_rate > 0.0:
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+        probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+    probs = probs.astype(v.dtype)
     out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v)
     return out.reshape(b, q_len, h, d)
 
 
-def attend(q, k, v, attention_mask, layer_cache, cache_index, sliding_window: Optional[int] = None):
-    """Attention for one layer, with or without a cache. Returns (out, new_layer_cache)."""
+def attend(
+    q, k, v, attention_mask, layer_cache, cache_index, sliding_window: Optional[int] = None,
+    dropout_rate: float = 0.0, dropout_rng: Optional[jax.Array] = None,
+):
+    """Attention for one layer, with or without a cache. Returns (out, new_layer_cache).
+    ``dropout_rate``/``dropout_rng``: attention-probability dropout (see ``dot_product_attention``)."""
     q_len = q.shape[1]
     if layer_cache is None:
         bias = attention_bias(attention_mask, q_len, 0, jnp.float32, sliding_window)
-        return dot_product_attention(q, k, v, bias), None
+        return dot_product_attention(q, k, v, bias, dropout_rate, dropout_rng), None
     new_cache = update_layer_cache(layer_cache, k, v, cache_index)
     bias = attention_bias(attention_mask, q_len, cache_index, jnp.float32, sliding_window)
-    return dot_product_attention(q, new_cache["k"], new_cache["v"], bias), new_cache
+    return dot_product_attention(q, new_cache["k"], new_cache["v"], bias, dropout_rate, dropout_rng), new_cache
 
 
 def cache_mask_shape(cache) -> tuple:

@@ -110,8 +110,11 @@ class GPT2Attention(nn.Module):
         qkv = nn.Dense(3 * cfg.n_embd, dtype=self.dtype, name="c_attn")(x)
         q, k, v = jnp.split(qkv, 3, axis=-1)
         shape = (b, s, cfg.n_head, cfg.head_dim)
+        # attn_pdrop drops attention probabilities in training (HF's attn_dropout); eval is exact.
+        dropout_rng = None if deterministic or not cfg.attn_pdrop else self.make_rng("dropout")
         out, new_cache = attend(
-            q.reshape(shape), k.reshape(shape), v.reshape(shape), attention_mask, layer_cache, cache_index
+            q.reshape(shape), k.reshape(shape), v.reshape(shape), attention_mask, layer_cache, cache_index,
+            dropout_rate=cfg.attn_pdrop, dropout_rng=dropout_rng,
         )
         out = nn.Dense(cfg.n_embd, dtype=self.dtype, name="c_proj")(out.reshape(b, s, cfg.n_embd))
         out = nn.Dropout(cfg.resid_pdrop)(out, deterministic=deterministic)

@@ -18,7 +18,7 @@ SequenceScoreModel: the LM trunk's params plus ``score`` (HF ``*ForSequenceClass
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple, Union
+from typing import Any, Optional, Tuple
 
 import flax
 import flax.linen as nn
@@ -28,6 +28,8 @@ import jax.numpy as jnp
 from rljax.models.attention import prepare_inputs
 from rljax.models.hub import (
     abstract_params,
+    as_jax_dtype,
+    merge_dtype_args,
     config_from_dict,
     family_of,
     load_state_dict,
@@ -40,6 +42,16 @@ from rljax.models.hub import (
 V_HEAD_INIT_STRATEGIES = (None, "normal")
 
 
+def torch_linear_init(fan_in: int):
+    """torch ``nn.Linear``'s default init for weight and bias: uniform(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / float(fan_in) ** 0.5
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
 # --- value head ------------------------------------------------------------------------------
 
 
@@ -47,8 +59,9 @@ class ValueHead(nn.Module):
     """TRL's ValueHead: dropout, then ``summary`` = Linear(hidden, 1), in float32.
 
     ``summary_dropout_prob`` 0 or None means no dropout (TRL's Identity). ``init_strategy``:
-    None keeps flax's default Dense init (lecun-normal kernel, zero bias); "normal" draws the
-    kernel from N(0, initializer_range) with a zero bias, as TRL's "normal" strategy does.
+    None is TRL's random init (torch ``nn.Linear``'s default: kernel and bias both
+    uniform(-1/sqrt(hidden), 1/sqrt(hidden))); "normal" draws the kernel from
+    N(0, initializer_range) with a zero bias, as TRL's "normal" strategy does.
     Params are float32 whatever the LM's dtype, and the input is upcast to float32 (TRL upcasts
     to the summary weight's dtype). ``__call__(hidden [batch, seq, hidden]) -> [batch, seq]``.
     """
@@ -66,9 +79,10 @@ class ValueHead(nn.Module):
         x = hidden_states.astype(jnp.float32)
         if self.summary_dropout_prob:
             x = nn.Dropout(self.summary_dropout_prob)(x, deterministic=deterministic)
-        init = {}
         if self.init_strategy == "normal":
             init = dict(kernel_init=nn.initializers.normal(self.initializer_range), bias_init=nn.initializers.zeros)
+        else:
+            init = dict(kernel_init=torch_linear_init(x.shape[-1]), bias_init=torch_linear_init(x.shape[-1]))
         summary = nn.Dense(1, dtype=jnp.float32, param_dtype=jnp.float32, name="summary", **init)
         return summary(x)[..., 0]
 
@@ -145,16 +159,6 @@ def _float32_head(params, key: str):
     return params
 
 
-def _as_dtype(dtype):
-    if dtype is None or not isinstance(dtype, str):
-        return dtype
-    names = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
-             "float16": jnp.float16, "fp16": jnp.float16}
-    if dtype not in names:
-        raise ValueError(f"Unknown dtype {dtype!r}; use one of {sorted(names)} or a jnp dtype.")
-    return names[dtype]
-
-
 def value_head_model_from_pretrained(
     path_or_id: str,
     dtype=None,
@@ -163,16 +167,21 @@ def value_head_model_from_pretrained(
     v_head_init_strategy: Optional[str] = None,
     v_head_initializer_range: float = 0.2,
     rng: Optional[jax.Array] = None,
+    torch_dtype=None,
+    revision: Optional[str] = None,
+    trust_remote_code: bool = False,
 ) -> Tuple[CausalLMWithValueHead, dict]:
     """Load an HF causal-LM directory -> (CausalLMWithValueHead, params).
 
     ``v_head.summary.{weight,bias}`` are loaded when the checkpoint has them (TRL / rljax
     value-head saves), else initialised from ``rng`` (default ``PRNGKey(0)``).
     ``summary_dropout_prob``: None reads the config's ``summary_dropout_prob``, else 0.1 (TRL).
-    ``dtype`` casts the LM (params and compute); the value head stays float32.
+    ``dtype`` (alias ``torch_dtype``; see ``rljax.models.hub.as_jax_dtype``) casts the LM
+    (params and compute); the value head stays float32. ``revision``/``trust_remote_code``:
+    as ``rljax.models.from_pretrained``.
     """
-    dtype = _as_dtype(dtype)
-    directory, cfg = read_checkpoint(path_or_id)
+    directory, cfg = read_checkpoint(path_or_id, revision, trust_remote_code)
+    dtype = as_jax_dtype(merge_dtype_args(dtype, torch_dtype), cfg)
     if summary_dropout_prob is None:
         summary_dropout_prob = cfg.get("summary_dropout_prob", 0.1)
     lm = model_from_config(config_from_dict(cfg), dtype=dtype or jnp.float32)
@@ -192,75 +201,6 @@ def save_value_head_model(
     """Write an HF directory: transformers' AutoModelForCausalLM loads it (ignoring ``v_head.*``),
     TRL's and rljax's value-head loaders restore the value head exactly."""
     save_pretrained(module, params, path, overwrite=overwrite, max_shard_size=max_shard_size)
-
-
-class AutoModelForCausalLMWithValueHead:
-    """TRL's entry point as a thin shell over (``.module``, ``.params``).
-
-    ``AutoModelForCausalLMWithValueHead.from_pretrained(path)`` works as in TRL; the object
-    unpacks as ``module, params = model``, ``model(input_ids, attention_mask)`` runs the
-    forward pass, ``model.save_pretrained(dir)`` writes an HF directory.
-    """
-
-    def __init__(self, module: CausalLMWithValueHead, params: dict):
-        self.module = module
-        self.params = params
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        pretrained_model_name_or_path: Union[str, Tuple[Any, Any]],
-        dtype=None,
-        *,
-        summary_dropout_prob: Optional[float] = None,
-        v_head_init_strategy: Optional[str] = None,
-        v_head_initializer_range: float = 0.2,
-        rng: Optional[jax.Array] = None,
-        torch_dtype=None,
-    ) -> "AutoModelForCausalLMWithValueHead":
-        """From a checkpoint directory / hub id, or an rljax ``(lm_module, lm_params)`` pair
-        (TRL also accepts an already-built model). ``torch_dtype`` is an alias of ``dtype``
-        ("bfloat16", "float32" or a jnp dtype)."""
-        dtype = _as_dtype(dtype if dtype is not None else torch_dtype)
-        kw = dict(summary_dropout_prob=summary_dropout_prob, v_head_init_strategy=v_head_init_strategy,
-                  v_head_initializer_range=v_head_initializer_range, rng=rng)
-        if isinstance(pretrained_model_name_or_path, tuple):
-            return cls.from_lm(*pretrained_model_name_or_path, dtype=dtype, **kw)
-        return cls(*value_head_model_from_pretrained(pretrained_model_name_or_path, dtype, **kw))
-
-    @classmethod
-    def from_lm(cls, lm_module, params, *, dtype=None, summary_dropout_prob=None, v_head_init_strategy=None,
-                v_head_initializer_range=0.2, rng=None) -> "AutoModelForCausalLMWithValueHead":
-        """Wrap an rljax causal LM (module, params); the value head is freshly initialised."""
-        if isinstance(lm_module, CausalLMWithValueHead):
-            return cls(lm_module, params)
-        if dtype is not None:
-            lm_module = lm_module.clone(dtype=dtype)
-            params = jax.tree.map(lambda x: x.astype(dtype), params)
-        module = CausalLMWithValueHead(
-            lm_module, 0.1 if summary_dropout_prob is None else summary_dropout_prob,
-            v_head_init_strategy, v_head_initializer_range,
-        )
-        head = init_value_head(module, jax.random.PRNGKey(0) if rng is None else rng)
-        return cls(module, {**params, **head})
-
-    def __call__(self, input_ids, attention_mask=None, position_ids=None, cache=None, deterministic=True, rngs=None):
-        return self.module.apply({"params": self.params}, input_ids, attention_mask, position_ids, cache,
-                                 deterministic, rngs=rngs)
-
-    def __iter__(self):
-        return iter((self.module, self.params))
-
-    @property
-    def config(self):
-        return self.module.config
-
-    @property
-    def lm_params(self) -> dict:
-        return lm_params(self.params)
-
-    def save_pretrained(self, path: str, *, overwrite: bool = False, max_shard_size=None) -> None:
-        save_value_head_model(self.module, self.params, path, overwrite=overwrite, max_shard_size=max_shard_size)
 
 
 # --- sequence-score head ---------------------------------------------------------------------
@@ -335,7 +275,14 @@ def init_score(module: SequenceScoreModel, rng: jax.Array) -> dict:
 
 
 def sequence_score_from_pretrained(
-    path_or_id: str, num_labels: Optional[int] = None, dtype=None, *, rng: Optional[jax.Array] = None
+    path_or_id: str,
+    num_labels: Optional[int] = None,
+    dtype=None,
+    *,
+    rng: Optional[jax.Array] = None,
+    torch_dtype=None,
+    revision: Optional[str] = None,
+    trust_remote_code: bool = False,
 ) -> Tuple[SequenceScoreModel, dict]:
     """Load an HF directory -> (SequenceScoreModel, params).
 
@@ -343,9 +290,10 @@ def sequence_score_from_pretrained(
     drops ``lm_head`` and gets a fresh ``score`` from ``rng`` (as transformers does).
     ``num_labels``: None reads the config's ``id2label`` (or ``num_labels``), else 2 (HF's default);
     reward models use ``num_labels=1``. Save with ``rljax.models.save_pretrained(module, params, dir)``.
+    ``dtype``/``torch_dtype``/``revision``/``trust_remote_code``: as ``rljax.models.from_pretrained``.
     """
-    dtype = _as_dtype(dtype)
-    directory, cfg = read_checkpoint(path_or_id)
+    directory, cfg = read_checkpoint(path_or_id, revision, trust_remote_code)
+    dtype = as_jax_dtype(merge_dtype_args(dtype, torch_dtype), cfg)
     names = None
     if "id2label" in cfg:
         names = tuple(cfg["id2label"][k] for k in sorted(cfg["id2label"], key=int))
@@ -360,3 +308,12 @@ def sequence_score_from_pretrained(
         defaults=defaults, ignore=(r"^lm_head\.", r"^v_head\."),
     )
     return module, params
+
+
+def __getattr__(name: str):
+    # The TRL-style shell lives in rljax.models.auto (it imports this module); keep this path working.
+    if name == "AutoModelForCausalLMWithValueHead":
+        from rljax.models.auto import AutoModelForCausalLMWithValueHead
+
+        return AutoModelForCausalLMWithValueHead
+    raise AttributeError(f"module 'rljax.models.heads' has no attribute {name!r}")

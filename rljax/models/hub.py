@@ -167,15 +167,60 @@ def init_params(model, rng: jax.Array) -> Any:
     return jax.jit(model.init)(rng, ids)["params"]
 
 
-def _resolve(path_or_id: str) -> str:
+_DTYPE_NAMES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
+                "float16": jnp.float16, "fp16": jnp.float16, "half": jnp.float16, "float": jnp.float32}
+
+
+def as_jax_dtype(dtype, checkpoint_config: Optional[dict] = None):
+    """A JAX dtype (or None = float32 params) from what HF users pass as ``torch_dtype``/``dtype``.
+
+    Accepts None, a JAX/numpy dtype, a name ("float32", "bfloat16", "float16", "bf16", ...),
+    a ``torch.float32``/``torch.bfloat16``/``torch.float16`` object (torch is never imported),
+    or "auto": the checkpoint's own dtype (config.json ``torch_dtype``/``dtype``; float32 if absent).
+    """
+    if dtype is None:
+        return None
+    if type(dtype).__module__ == "torch":  # torch.dtype objects print as "torch.bfloat16"
+        dtype = str(dtype).split(".", 1)[-1]
+    if isinstance(dtype, str):
+        if dtype == "auto":
+            saved = (checkpoint_config or {}).get("torch_dtype") or (checkpoint_config or {}).get("dtype")
+            return as_jax_dtype(saved) if saved else None
+        if dtype not in _DTYPE_NAMES:
+            raise ValueError(f"Unknown dtype {dtype!r}; use one of {sorted(_DTYPE_NAMES)}, 'auto' or a jnp dtype.")
+        return _DTYPE_NAMES[dtype]
+    try:
+        return jnp.dtype(dtype).type
+    except TypeError as e:
+        raise ValueError(f"Unknown dtype {dtype!r}; pass e.g. jnp.bfloat16, 'bfloat16' or torch.bfloat16.") from e
+
+
+def merge_dtype_args(dtype, torch_dtype):
+    """``dtype`` and its HF alias ``torch_dtype``: at most one may be given (or both equal)."""
+    if dtype is not None and torch_dtype is not None and str(dtype) != str(torch_dtype):
+        if as_jax_dtype(dtype) != as_jax_dtype(torch_dtype):
+            raise ValueError(f"Got dtype={dtype!r} and torch_dtype={torch_dtype!r}; pass only one of them.")
+    return dtype if dtype is not None else torch_dtype
+
+
+def check_trust_remote_code(trust_remote_code: bool) -> None:
+    if trust_remote_code:
+        raise ValueError(
+            "trust_remote_code=True is not supported: rljax runs no code from checkpoints, only its own model "
+            f"families ({sorted(FAMILIES) or 'gpt2, llama, mistral, qwen2'}). Drop the argument."
+        )
+
+
+def _resolve(path_or_id: str, revision: Optional[str] = None) -> str:
     if os.path.isdir(path_or_id):
-        return path_or_id
+        return path_or_id  # a local directory is one version: revision does not apply
     if os.path.exists(path_or_id):
         raise ValueError(f"{path_or_id!r} is a file; pass the checkpoint DIRECTORY holding config.json.")
     try:
         from huggingface_hub import snapshot_download
 
-        return snapshot_download(path_or_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
+        return snapshot_download(path_or_id, revision=revision,
+                                 allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
     except Exception as e:  # offline, unknown id, ...
         raise ValueError(
             f"{path_or_id!r} is not a local directory and could not be fetched from the HF hub ({type(e).__name__}: {e}). "
@@ -229,9 +274,18 @@ def load_state_dict(directory: str) -> Dict[str, np.ndarray]:
     return sd
 
 
-def read_checkpoint(path_or_id: str) -> Tuple[str, dict]:
-    """Resolve a checkpoint directory (or hub id when online) -> (directory, config.json dict)."""
-    directory = _resolve(path_or_id)
+def read_checkpoint(
+    path_or_id: str, revision: Optional[str] = None, trust_remote_code: bool = False
+) -> Tuple[str, dict]:
+    """Resolve a checkpoint directory (or hub id when online) -> (directory, config.json dict).
+
+    ``revision`` (branch, tag or commit) picks the hub version; a local directory ignores it.
+    ``trust_remote_code=True`` raises: rljax runs no code shipped with checkpoints.
+    """
+    check_trust_remote_code(trust_remote_code)
+    if not isinstance(path_or_id, (str, os.PathLike)):
+        raise ValueError(f"Expected a checkpoint directory or hub id (a string), got {type(path_or_id).__name__}.")
+    directory = _resolve(os.fspath(path_or_id), revision)
     cfg_path = os.path.join(directory, "config.json")
     if not os.path.exists(cfg_path):
         raise ValueError(f"No config.json in {directory}; a checkpoint directory needs config.json + safetensors weights.")
@@ -239,14 +293,24 @@ def read_checkpoint(path_or_id: str) -> Tuple[str, dict]:
         return directory, json.load(f)
 
 
-def from_pretrained(path_or_id: str, dtype=None) -> Tuple[Any, Any]:
+def from_pretrained(
+    path_or_id: str,
+    dtype=None,
+    *,
+    torch_dtype=None,
+    revision: Optional[str] = None,
+    trust_remote_code: bool = False,
+) -> Tuple[Any, Any]:
     """Load an HF causal-LM checkpoint directory (or hub id when online) -> (module, params).
 
-    ``dtype``: None keeps float32 params; ``jnp.bfloat16`` casts params and compute.
-    Value-head tensors (``v_head.*``, written by TRL / rljax value-head models) are ignored,
-    as transformers ignores them.
+    ``dtype`` (alias ``torch_dtype``, see ``as_jax_dtype``): None keeps float32 params;
+    ``jnp.bfloat16`` casts params and compute; "auto" uses the checkpoint's dtype.
+    ``revision``: the hub version (a local directory ignores it). ``trust_remote_code=True``
+    raises. Value-head tensors (``v_head.*``, written by TRL / rljax value-head models) are
+    ignored, as transformers ignores them.
     """
-    directory, cfg = read_checkpoint(path_or_id)
+    directory, cfg = read_checkpoint(path_or_id, revision, trust_remote_code)
+    dtype = as_jax_dtype(merge_dtype_args(dtype, torch_dtype), cfg)
     config = config_from_dict(cfg)
     model = model_from_config(config, dtype=dtype or jnp.float32)
     family = _family(config.model_type)
@@ -292,7 +356,13 @@ def _dtype_name(state_dict: Dict[str, np.ndarray]) -> str:
 
 
 def save_pretrained(
-    model, params, path: str, *, overwrite: bool = False, max_shard_size: Optional[Union[int, str]] = None
+    model,
+    params,
+    path: str,
+    *,
+    overwrite: bool = False,
+    max_shard_size: Optional[Union[int, str]] = None,
+    extra_config: Optional[dict] = None,
 ) -> None:
     """Write an HF directory (config.json + safetensors weights) that transformers loads.
 
@@ -301,7 +371,8 @@ def save_pretrained(
     (bytes, or e.g. "500MB") weights larger than that are split into
     ``model-0000i-of-0000n.safetensors`` plus ``model.safetensors.index.json``.
     bfloat16 params are written as BF16 tensors. Refuses to overwrite existing weights unless
-    ``overwrite=True`` (which also removes the old weight files).
+    ``overwrite=True`` (which also removes the old weight files). ``extra_config``: more
+    config.json entries (e.g. attributes a user set on an HF-style config).
     """
     from safetensors.numpy import save_file
 
@@ -315,6 +386,7 @@ def save_pretrained(
     family = _family(model.config.model_type)
     sd = {k: np.ascontiguousarray(v) for k, v in params_to_state_dict(params, family).items()}
     cfg = model.hf_config_dict() if hasattr(model, "hf_config_dict") else model.config.to_dict()
+    cfg.update(extra_config or {})
     cfg["torch_dtype"] = _dtype_name(sd)
     limit = None if max_shard_size is None else parse_size(max_shard_size)
     shards = [sd] if limit is None or sum(a.nbytes for a in sd.values()) <= limit else _shard(sd, limit)
