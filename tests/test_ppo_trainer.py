@@ -5,7 +5,6 @@ layers, response masks, input validation, generate(), the dataloader, log_stats 
 One trainer compiles its forward pass and PPO step once per padded (query, response) bucket;
 every step() here uses queries and responses of at most 8 tokens, so one bucket per trainer.
 """
-import warnings
 
 import jax
 import jax.numpy as jnp
