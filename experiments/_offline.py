@@ -117,8 +117,14 @@ def _write_splits(directory: str, splits: Dict[str, List[dict]]) -> None:
 
 
 def has_flag(argv: Sequence[str], name: str) -> bool:
-    """Whether ``--name`` (or ``--name=...``) is among the command-line arguments."""
-    return any(a == f"--{name}" or a.startswith(f"--{name}=") for a in argv)
+    """Whether ``--name`` is among the command-line arguments, also as ``--name=...`` or as an
+    abbreviation argparse accepts (TRL's CI passes ``--model_name`` to sft.py for
+    ``--model_name_or_path``)."""
+    for a in argv:
+        option = a.split("=", 1)[0]
+        if option.startswith("--") and len(option) > 2 and f"--{name}".startswith(option):
+            return True
+    return False
 
 
 def trained_policy(assets: Dict[str, str]) -> str:

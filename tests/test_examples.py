@@ -143,3 +143,24 @@ def test_ppo_script_runs_trls_loop_and_logs(runs):
         assert key in rows[0], key
     samples = _jsonl(cwd / "runs" / "ppo" / "samples.jsonl")
     assert len(samples) == 8 and {"query", "response", "ref_response", "ref_rewards", "reward"} <= set(samples[0])
+
+
+def test_offline_defaults_apply_only_without_a_model_flag(runs, monkeypatch):
+    """The scripts' one addition: offline stand-ins as parser defaults unless the model flag is
+    given, abbreviated as argparse allows (TRL's CI runs sft.py with --model_name); flags win."""
+    from transformers import HfArgumentParser
+
+    from _offline import ASSETS_ENV, set_offline_defaults
+    from rljax import ModelConfig, TrainingArguments
+
+    monkeypatch.setenv(ASSETS_ENV, str(runs["sft"][2].parent / "assets"))
+    for argv in (["--model_name_or_path", "gpt2"], ["--model_name=gpt2"], ["--model_name", "gpt2"]):
+        parser = HfArgumentParser((TrainingArguments, ModelConfig))
+        assert set_offline_defaults(parser, "sft", argv) is None
+        _, model_config = parser.parse_args_into_dataclasses(argv)
+        assert model_config.model_name_or_path == "gpt2"
+    parser = HfArgumentParser((TrainingArguments, ModelConfig))
+    assets = set_offline_defaults(parser, "dpo", ["--learning_rate", "0.1"])
+    training_args, model_config, *_ = parser.parse_args_into_dataclasses(["--learning_rate", "0.1"])  # + DPO's extras
+    assert model_config.model_name_or_path == assets["model"] and training_args.max_steps == 60
+    assert training_args.learning_rate == 0.1
