@@ -32,6 +32,7 @@ from __future__ import annotations
 import atexit
 import base64
 import datetime
+import errno
 import json
 import os
 import shutil
@@ -167,6 +168,51 @@ def verify_checkpoint(step_dir: str, checksums: bool = True) -> Optional[str]:
         if checksums and "crc32" in entry and _crc32(path) != entry["crc32"]:
             return f"file {rel} fails its CRC32 check (corrupt)"
     return None
+
+
+def scan_checkpoints(directory: str, checksums: bool = True) -> Tuple[List[int], List[Tuple[str, str]]]:
+    """Read-only look at a Checkpointer directory (opens no CheckpointManager, moves nothing).
+
+    Returns ``(committed, skipped)``: the steps whose commit marker and files check out,
+    newest first, and ``(entry, reason)`` for every other step entry: half-written saves
+    (``<step>.orbax-checkpoint-tmp-*``), steps without a commit marker, truncated or corrupt
+    files. Entries already moved aside (``<step>.rljax-corrupt-*``) are not listed.
+    """
+    committed: List[int] = []
+    skipped: List[Tuple[str, str]] = []
+    if not os.path.isdir(directory):
+        return committed, skipped
+    steps = []
+    for name in os.listdir(directory):
+        if _CORRUPT_MARK in name:
+            continue
+        if _TMP_MARK in name and name.split(".", 1)[0].isdigit():
+            skipped.append((name, "half-written: the save was interrupted before orbax finished writing it"))
+        elif name.isdigit() and os.path.isdir(os.path.join(directory, name)):
+            steps.append(int(name))
+    for step in sorted(steps, reverse=True):
+        reason = verify_checkpoint(os.path.join(directory, str(step)), checksums)
+        if reason is None:
+            committed.append(step)
+        else:
+            skipped.append((str(step), reason))
+    skipped.sort(key=lambda e: int(e[0].split(".", 1)[0]), reverse=True)
+    return committed, skipped
+
+
+def checkpoint_problem(directory: str, checksums: bool = True, what: Optional[str] = None) -> Optional[str]:
+    """None when the Checkpointer ``directory`` holds at least one committed, intact step;
+    else why not (the newest skipped entry's reason), prefixed with ``what`` (default: the path)."""
+    what = what if what is not None else directory
+    if not os.path.isdir(directory):
+        return f"no {what} (the save stopped before it was written)"
+    committed, skipped = scan_checkpoints(directory, checksums)
+    if committed:
+        return None
+    if skipped:
+        entry, reason = skipped[0]
+        return f"{os.path.join(what, entry)}: {reason}"
+    return f"{what} holds no checkpoint"
 
 
 # --------------------------------------------------------------------------
@@ -365,8 +411,17 @@ class Checkpointer:
             self._pending = still
 
     def wait_until_finished(self) -> None:
-        """Block until every started save is written and committed."""
-        self._mgr.wait_until_finished()
+        """Block until every started save is written and committed. A background save that
+        failed raises here (an ``OSError`` naming the step, e.g. a full disk) and gets no
+        commit marker; earlier checkpoints are untouched."""
+        try:
+            self._mgr.wait_until_finished()
+        except BaseException as e:
+            with self._lock:
+                failed, self._pending = list(self._pending), []
+            if isinstance(e, OSError) and failed:
+                raise _save_failed(self.directory, failed[-1], e) from e
+            raise
         self._commit_pending()
         _barrier("rljax_checkpoint_committed")
 
@@ -431,8 +486,16 @@ class Checkpointer:
                 ),
                 force=True,
             )
-        except ocp.checkpoint_manager.StepAlreadyExistsError as e:
-            raise FileExistsError(f"Checkpoint step {step} already exists in {self.directory}: {e}") from e
+            if not self.async_save:
+                self._mgr.wait_until_finished()
+        except BaseException as e:
+            with self._lock:  # a failed save must never get a commit marker
+                self._pending = [s for s in self._pending if s != step]
+            if isinstance(e, ocp.checkpoint_manager.StepAlreadyExistsError):
+                raise FileExistsError(f"Checkpoint step {step} already exists in {self.directory}: {e}") from e
+            if isinstance(e, OSError):
+                raise _save_failed(self.directory, step, e) from e
+            raise
         if not self.async_save:
             self._commit_pending()
         return bool(saved)
@@ -484,7 +547,12 @@ class Checkpointer:
         target = abstract_target(target_state, mesh, shardings, rules)
         candidates = [int(step)] if step is not None else list(reversed(self.all_steps()))
         if not candidates:
-            raise FileNotFoundError(f"No checkpoints in {self.directory}.")
+            half = [e for e in self._entries() if _TMP_MARK in e]
+            raise FileNotFoundError(
+                f"No committed checkpoint in {self.directory}"
+                + (f" (only half-written saves: {half})" if half else "")
+                + "; start a fresh run (without resume) or point to the directory that holds the checkpoints."
+            )
         for s in candidates:
             step_dir = self._step_dir(s)
             reason = verify_checkpoint(step_dir, self.checksums)
@@ -527,6 +595,18 @@ class Checkpointer:
         extra = _decode(restored.extra or {})
         extra["checkpoint_step"] = step
         return extra
+
+
+def _save_failed(directory: str, step: int, e: OSError) -> OSError:
+    """The OSError a failed save raises: what failed, that older checkpoints are intact, what to do."""
+    why = e.strerror or str(e)
+    hint = "free disk space" if e.errno == errno.ENOSPC else "fix the file system error"
+    return OSError(
+        e.errno,
+        f"Checkpoint step {step} could not be written to {directory} ({why}). It was not committed and will be "
+        f"skipped on resume; earlier checkpoints are intact. {hint.capitalize()}, then resume from the newest "
+        "committed checkpoint.",
+    )
 
 
 def _looks_like_mismatch(e: Exception) -> bool:

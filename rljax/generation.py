@@ -240,6 +240,24 @@ def _check_shapes(model, input_ids, attention_mask, max_new_tokens: int) -> None
         )
 
 
+def _check_token_range(model, input_ids) -> None:
+    """Host check of concrete ids: every id (pad positions too: they are embedded) must be in
+    ``[0, vocab_size)``; an id outside gives NaN embeddings (JAX fills out-of-range lookups)."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if vocab is None:
+        return
+    ids = np.asarray(input_ids)
+    bad = (ids < 0) | (ids >= vocab)
+    if bad.any():
+        rows, cols = np.nonzero(bad)
+        values = sorted({int(v) for v in ids[bad]})[:5]
+        hint = " (-100 is a label ignore index, not a token: pad prompts with the pad token id)" if -100 in values else ""
+        raise ValueError(
+            f"input_ids holds ids {values} outside the model's vocabulary [0, {vocab}) (first at row {int(rows[0])}, "
+            f"position {int(cols[0])}){hint}; tokenize with the model's own tokenizer."
+        )
+
+
 def _check_left_padded(attention_mask) -> None:
     """Host check of a concrete mask: no row may have a 0 after a 1, nor be empty."""
     mask = np.asarray(attention_mask) != 0
@@ -498,6 +516,8 @@ def generate(
     _check_shapes(model, input_ids, attention_mask, max_new_tokens)
     if not isinstance(attention_mask, jax.core.Tracer):
         _check_left_padded(attention_mask)
+    if not isinstance(input_ids, jax.core.Tracer):
+        _check_token_range(model, input_ids)
     return fn(params, input_ids, attention_mask, rng)
 
 

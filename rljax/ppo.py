@@ -143,6 +143,11 @@ def compute_rewards(
     """
     mode = kl_penalty
     _check_kl_mode(mode)
+    if mode != "full" and (logits is not None or ref_logits is not None):
+        raise ValueError(
+            f'compute_rewards: logits/ref_logits are used only with kl_penalty="full" (got {mode!r}); '
+            "pass the sampled tokens' log-probs as logprobs/ref_logprobs and drop logits/ref_logits."
+        )
     scores = jnp.asarray(scores)
     masks = jnp.asarray(masks)
     chex.assert_rank([scores, masks], [1, 2])

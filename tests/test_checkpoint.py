@@ -325,3 +325,30 @@ def test_ppo_trained_value_head_model_loads_in_transformers(tmp_path):
         )[..., 0].numpy()
     np.testing.assert_allclose(np.asarray(out.logits), hf_out.logits.numpy(), atol=1e-5, rtol=0)
     np.testing.assert_allclose(np.asarray(out.values), values, atol=1e-5, rtol=0)
+
+
+def test_scan_checkpoints_is_read_only_and_names_what_it_skips(tmp_path):
+    from rljax.checkpoint import checkpoint_problem, scan_checkpoints
+
+    d = str(tmp_path / "scan")
+    with Checkpointer(d, async_save=False) as ck:
+        for s in (1, 2, 3):
+            ck.save(s, _small_state(seed=s))
+    os.remove(os.path.join(d, "3", COMMIT_FILE))
+    big = _data_files(os.path.join(d, "2"))[-1]
+    with open(big, "r+b") as f:
+        f.seek(0)
+        f.write(b"\x00\x01\x02\x03")
+    os.makedirs(os.path.join(d, "4.orbax-checkpoint-tmp"))
+    before = sorted(os.listdir(d))
+    committed, skipped = scan_checkpoints(d)
+    assert committed == [1]
+    assert [e for e, _ in skipped] == ["4.orbax-checkpoint-tmp", "3", "2"]
+    assert "half-written" in skipped[0][1] and "no commit marker" in skipped[1][1] and "CRC32" in skipped[2][1]
+    assert scan_checkpoints(d, checksums=False)[0] == [2, 1]  # sizes only: the flipped bytes go unnoticed
+    assert sorted(os.listdir(d)) == before  # nothing moved
+    assert checkpoint_problem(d) is None
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert checkpoint_problem(str(empty), what="train_state/") == "train_state/ holds no checkpoint"
+    assert checkpoint_problem(str(tmp_path / "absent"), what="train_state/").startswith("no train_state/")
