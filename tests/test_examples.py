@@ -5,7 +5,6 @@ and tiny flags: each exits 0 and writes what it should.
 The scripts start together, two at a time (most of each run is Python start-up and one
 compile), in a module fixture; each test then checks one script's result.
 """
-import inspect
 import json
 import os
 import subprocess
@@ -13,14 +12,6 @@ import sys
 import time
 
 import pytest
-
-import rljax.models
-
-# Pieces of rljax the scripts use that are being added in parallel (xfail only while missing).
-MISSING_SEQ_CLS = not hasattr(rljax.models, "AutoModelForSequenceClassification")
-MISSING_CAUSAL_LM = not hasattr(rljax.models, "AutoModelForCausalLM")
-MISSING_VH_TRUST = "trust_remote_code" not in inspect.signature(
-    rljax.models.AutoModelForCausalLMWithValueHead.from_pretrained).parameters
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = os.path.join(ROOT, "experiments")
@@ -112,8 +103,6 @@ def test_sft_script_trains_and_saves(runs):
     assert [r["step"] for r in rows if "loss" in r][:2] == [1, 2]
 
 
-@pytest.mark.xfail(MISSING_SEQ_CLS, reason="needs rljax.models.AutoModelForSequenceClassification.from_pretrained("
-                   "path, num_labels=1, revision=, trust_remote_code=, device_map=, quantization_config=)")
 def test_reward_modeling_script_trains_a_sequence_classifier(runs):
     _, cwd = _ok(runs, "reward_modeling")
     with open(cwd / "out_reward" / "config.json") as f:
@@ -123,9 +112,6 @@ def test_reward_modeling_script_trains_a_sequence_classifier(runs):
     assert any("accuracy" in r for r in _jsonl(cwd / "out_reward" / "metrics.jsonl"))
 
 
-@pytest.mark.xfail(MISSING_CAUSAL_LM, reason="needs rljax.models.AutoModelForCausalLM.from_pretrained(path, **HF "
-                   "model_kwargs: revision, trust_remote_code, attn_implementation, torch_dtype, use_cache, device_map, "
-                   "quantization_config)")
 def test_dpo_script_trains_on_hh_style_dialogues(runs):
     _, cwd = _ok(runs, "dpo")
     assert (cwd / "out_dpo" / "model.safetensors").is_file()
@@ -133,8 +119,6 @@ def test_dpo_script_trains_on_hh_style_dialogues(runs):
     assert any("rewards/margins" in r for r in rows) and any("rewards/accuracies" in r for r in rows)
 
 
-@pytest.mark.xfail(MISSING_VH_TRUST, reason="needs AutoModelForCausalLMWithValueHead.from_pretrained(..., "
-                   "trust_remote_code=False)")
 def test_ppo_script_runs_trls_loop_and_logs(runs):
     _, cwd = _ok(runs, "ppo")
     rows = _jsonl(cwd / "runs" / "ppo" / "metrics.jsonl")  # PPOConfig.exp_name is the script's name
