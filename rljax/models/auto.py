@@ -123,6 +123,8 @@ class HFConfig:
         return dict(self._extras)
 
     def __getattr__(self, name: str):
+        if name.startswith("__") or "_frozen" not in self.__dict__:  # copy/pickle probes
+            raise AttributeError(name)
         extras = self.__dict__["_extras"]
         if name in extras:
             return extras[name]
@@ -362,7 +364,7 @@ def hf_generate(
     ids = _as_ids(input_ids, "input_ids")
     if ids is None or ids.ndim != 2:
         raise ValueError("generate() needs input_ids of shape [batch, prompt_len] (add a batch axis with ids[None]).")
-    batch, prompt_len = ids.shape
+    prompt_len = ids.shape[1]
     eos = s["eos_token_id"]
     eos_list = [] if eos is None else ([int(eos)] if np.ndim(eos) == 0 else [int(e) for e in eos])
     pad = s["pad_token_id"]
