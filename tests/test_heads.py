@@ -328,6 +328,10 @@ def test_generate_sampling_rng_and_kwarg_checks(lm_dir):
     greedy = model.generate(ids, max_new_tokens=8, eos_token_id=None)  # do_sample defaults to False
     np.testing.assert_array_equal(model.generate(ids, **{**kw, "top_k": 1}), greedy)
     np.testing.assert_array_equal(model.generate(ids, max_length=13, eos_token_id=None), greedy)  # counts the prompt
+    hf_config = transformers.GenerationConfig(max_new_tokens=8)  # a GenerationConfig object, as HF takes
+    np.testing.assert_array_equal(model.generate(ids, generation_config=hf_config, eos_token_id=None), greedy)
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        model.generate(ids, generation_config=transformers.GenerationConfig(repetition_penalty=1.3))
     with pytest.raises(ValueError, match="num_beams"):
         model.generate(ids, num_beams=4)
     with pytest.raises(ValueError, match="unknown argument 'foo'"):

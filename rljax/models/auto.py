@@ -308,12 +308,16 @@ DEFAULT_NEW_TOKENS = 20
 def _generation_settings(base: GenerationConfig, generation_config, kwargs: Dict[str, Any]) -> Dict[str, Any]:
     """Merge the model's generation config, a passed ``generation_config`` and kwargs (in that
     order of precedence, last wins), honouring or rejecting every setting."""
+    objects = [generation_config]
+    if not isinstance(base, GenerationConfig):  # e.g. a transformers.GenerationConfig assigned by the user
+        objects, base = [base, generation_config], GenerationConfig()
     settings = {k: getattr(base, k) for k in _GEN_FIELDS}
     unsupported = dict(base.unsupported)
     sources = []  # (settings, from a GenerationConfig object?)
-    if generation_config is not None:
-        src = generation_config.to_dict() if hasattr(generation_config, "to_dict") else dict(vars(generation_config))
-        sources.append(({k: v for k, v in src.items() if v is not None}, True))
+    for obj in objects:
+        if obj is not None:
+            src = obj.to_dict() if hasattr(obj, "to_dict") else dict(vars(obj))
+            sources.append(({k: v for k, v in src.items() if v is not None}, True))
     sources.append((kwargs, False))
     for src, is_object in sources:
         for k, v in src.items():
