@@ -6,32 +6,21 @@ from __future__ import annotations
 
 import importlib
 
+from rljax.trainers import _LAZY as _TRAINERS_LAZY
+
 __version__ = "0.1.0"
 
 _LAZY = {
-    # name -> module that defines it
+    # name -> module that defines it (the TRL-compatible shells: rljax.trainers's table)
+    **_TRAINERS_LAZY,
     "PPOConfig": "rljax.ppo",
-    "PPOTrainer": "rljax.trainers.ppo",
     "AutoModelForCausalLMWithValueHead": "rljax.models.auto",
     "AutoModelForCausalLM": "rljax.models.auto",
     "AutoModelForSequenceClassification": "rljax.models.auto",
-    "create_reference_model": "rljax.trainers.ppo",
     "respond_to_batch": "rljax.generation",
-    "SFTConfig": "rljax.trainers.sft",
-    "SFTTrainer": "rljax.trainers.sft",
-    "RewardConfig": "rljax.trainers.reward",
-    "RewardTrainer": "rljax.trainers.reward",
-    "DPOConfig": "rljax.trainers.dpo",
-    "DPOTrainer": "rljax.trainers.dpo",
-    "IterativeSFTTrainer": "rljax.trainers.iterative_sft",
     "LengthSampler": "rljax.core",
-    "TrainingArguments": "rljax.trainers.base",
-    "set_seed": "rljax.trainers.seeding",
-    "ModelConfig": "rljax.trainers.model_config",
-    "get_peft_config": "rljax.trainers.model_config",
-    "get_quantization_config": "rljax.trainers.model_config",
-    "get_kbit_device_map": "rljax.trainers.model_config",
 }
+_LAZY.pop("Trainer")  # the base loop stays at rljax.trainers.Trainer (trl exports no Trainer)
 
 __all__ = sorted(_LAZY)
 

@@ -1,39 +1,13 @@
-"""Direct Preference Optimisation: TRL 0.7.11's DPOTrainer over a pure, jitted train step.
-
-Functional core:
+"""Direct Preference Optimisation, functional core (the TRL-style shell is
+:class:`rljax.trainers.dpo.DPOTrainer`, whose docstring has TRL's metric semantics).
 
 * :func:`make_dpo_loss` builds ``loss_fn(params, batch, rng) -> (loss, metrics)``: one
-  concatenated forward of the policy over chosen-then-rejected rows (``2B`` rows), sequence
-  log-probs with :func:`get_batch_logps` (length-averaged for ``loss_type="ipo"``, as TRL),
-  then :func:`rljax.losses.dpo_loss`. The reference log-probs arrive IN THE BATCH
-  (``reference_chosen_logps`` / ``reference_rejected_logps``, ``[B]``), so the reference
-  params never sit in the train step's closure.
-* :func:`make_reference_logps_fn` builds the jitted ``(ref_params, batch) -> (chosen, rejected)``
-  that fills those two fields, per batch or once over the dataset
-  (``precompute_ref_log_probs=True``).
-
-Batch layout (every leaf leads with the pair axis ``B``, so gradient accumulation can
-split it): ``chosen_input_ids``, ``chosen_attention_mask``, ``chosen_labels``,
-``rejected_*`` likewise (all ``[B, L]`` int32, one common ``L``), and the two reference
-log-prob vectors.
-
-Metrics use TRL's keys (``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``,
-``rewards/margins``, ``logps/rejected``, ``logps/chosen``, ``logits/rejected``,
-``logits/chosen``; ``eval_`` prefixed by ``evaluate()``), with TRL's semantics: rewards are
-``beta * (policy - reference)`` logps even when ``reference_free``; accuracy is strict
-``>``; ``logits/*`` average the full-vocabulary logits over every position of TRL's
-(dynamically padded) batch, pads included. Our static bucketed padding adds positions
-TRL does not have; they are left out of that mean, so the numbers equal TRL's.
-
-Differences from TRL 0.7.11 (deliberate):
-
-* Tokenization adds BOS only when the tokenizer has one, and never twice
-  (:func:`rljax.data.dpo_tokenize_row`; TRL issues #907/#1073).
-* ``generate_during_eval=True`` raises a ``ValueError``: TRL uses it only to log sample
-  generations to Weights & Biases, which rljax does not do (sample with
-  :func:`rljax.generation.generate` on ``trainer.params`` instead).
-* Decoder-only models only; PEFT adapters, ``compute_metrics``, callbacks and custom
-  optimizers are not supported (a ``ValueError`` says so).
+  forward of the policy over chosen-then-rejected rows (``2B`` rows), sequence log-probs
+  with :func:`get_batch_logps`, then :func:`rljax.losses.dpo_loss`. Reference log-probs
+  arrive in the batch (``reference_chosen_logps`` / ``reference_rejected_logps``, ``[B]``),
+  so reference params are never closed over.
+* :func:`make_reference_logps_fn`: the jitted ``(ref_params, batch) -> (chosen, rejected)``.
+* Batch: ``chosen_{input_ids,attention_mask,labels}`` and ``rejected_*`` (``[B, L]`` int32).
 """
 from __future__ import annotations
 

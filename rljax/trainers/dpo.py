@@ -1,16 +1,6 @@
 """Direct Preference Optimisation: TRL 0.7.11's DPOTrainer over a pure, jitted train step.
 
-Functional core:
-
-* :func:`make_dpo_loss` builds ``loss_fn(params, batch, rng) -> (loss, metrics)``: one
-  concatenated forward of the policy over chosen-then-rejected rows (``2B`` rows), sequence
-  log-probs with :func:`get_batch_logps` (length-averaged for ``loss_type="ipo"``, as TRL),
-  then :func:`rljax.losses.dpo_loss`. The reference log-probs arrive IN THE BATCH
-  (``reference_chosen_logps`` / ``reference_rejected_logps``, ``[B]``), so the reference
-  params never sit in the train step's closure.
-* :func:`make_reference_logps_fn` builds the jitted ``(ref_params, batch) -> (chosen, rejected)``
-  that fills those two fields, per batch or once over the dataset
-  (``precompute_ref_log_probs=True``).
+The loss and the reference log-prob function come from the functional core, :mod:`rljax.dpo`.
 
 Batch layout (every leaf leads with the pair axis ``B``, so gradient accumulation can
 split it): ``chosen_input_ids``, ``chosen_attention_mask``, ``chosen_labels``,
