@@ -126,3 +126,53 @@ def test_make_train_rejects_a_right_padded_bank_and_a_wrongly_shaped_reward(tiny
     state = PPOTrainState.create(model.params, model.params, config)
     with pytest.raises(ValueError, match=r"reward_fn must return one score per rollout row, shape \(4,\)"):
         jax.eval_shape(per_token, state)
+
+
+def test_bf16_computes_in_bfloat16_with_float32_master_params(tiny_lm):
+    """TrainingArguments(bf16=True) is honoured: the step's matmuls run in bfloat16, while the
+    params, their gradients and the optimizer state stay float32 (HF's bf16 autocast)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from rljax.sft import make_sft_loss
+    from rljax.train_state import TrainState
+    from rljax.trainers.base import make_train_step, with_compute_dtype
+
+    module, params = tiny_lm
+    loss_fn = with_compute_dtype(make_sft_loss(module), jnp.bfloat16)
+    ids = np.tile(np.arange(3, 11, dtype=np.int32), (2, 1))
+    batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": ids}
+    jaxpr = str(jax.make_jaxpr(lambda p: jax.grad(lambda q: loss_fn(q, batch, None)[0])(p))(params))
+    assert "dot_general" in jaxpr and "bf16" in jaxpr
+    state = TrainState.create(params, optax.adam(1e-2))
+    step = make_train_step(loss_fn, donate=False)
+    losses = []
+    for _ in range(5):
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+    assert metrics["loss"].dtype == jnp.float32 and losses[-1] < losses[0]
+    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(state.params))
+    assert all(x.dtype in (jnp.float32, jnp.int32) for x in jax.tree_util.tree_leaves(state.opt_state))
+
+
+def test_a_nan_loss_stops_training_with_a_clear_message(tiny_tokenizer, tmp_path):
+    """float16 overflow (here: a learning rate that blows up) must not carry on silently."""
+    import datasets
+
+    from rljax.trainers.sft import SFTConfig, SFTTrainer
+    from rljax.models import init_params, model_from_config
+    from rljax.models.gpt2 import GPT2Config
+    import jax
+    import jax.numpy as jnp
+
+    module = model_from_config(GPT2Config(vocab_size=128, n_positions=32, n_embd=16, n_layer=1, n_head=2))
+    params = init_params(module, jax.random.PRNGKey(0))
+    params = jax.tree_util.tree_map(lambda p: p.at[...].set(jnp.nan) if p.ndim == 2 else p, params)  # a broken model
+    ds = datasets.Dataset.from_dict({"text": ["the movie was great"] * 8})
+    args = SFTConfig(output_dir=str(tmp_path), max_steps=2, logging_steps=1, per_device_train_batch_size=4,
+                     dataset_text_field="text", max_seq_length=16, report_to=[], save_strategy="no", disable_tqdm=True)
+    trainer = SFTTrainer((module, params), args=args, train_dataset=ds, tokenizer=tiny_tokenizer)
+    with pytest.raises(FloatingPointError, match="training loss is nan at step 1.*bfloat16 or float32"):
+        trainer.train()

@@ -100,7 +100,8 @@ class TrainingArguments:
     disable_tqdm: bool = False
     """Hide the progress bar."""
     bf16: bool = False
-    """Accepted for HF compatibility, not applied (load the model with dtype=bfloat16 instead)."""
+    """Mixed precision as HF's bf16 autocast: the forward runs in bfloat16 (params cast inside the
+    loss), master params, gradients, optimizer state and losses stay float32."""
     dataloader_drop_last: bool = False
     """Accepted for HF compatibility (training batches always drop the last partial one)."""
     run_name: Optional[str] = None
@@ -314,6 +315,21 @@ def find_hyperparam(opt_state: Any, name: str) -> Optional[float]:
 # --------------------------------------------------------------------------------------------
 # Pure steps
 # --------------------------------------------------------------------------------------------
+
+
+def with_compute_dtype(loss_fn: LossFn, dtype: Any) -> LossFn:
+    """``loss_fn`` with its floating params cast to ``dtype`` (e.g. bfloat16) for the forward:
+    the compute runs in ``dtype`` while the caller's params (and so the gradients, which flow
+    back through the cast) stay in their own dtype; the loss is returned in float32."""
+
+    def cast(p):
+        return p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p
+
+    def wrapped(params, batch, rng):
+        loss, metrics = loss_fn(jax.tree_util.tree_map(cast, params), batch, rng)
+        return loss.astype(jnp.float32), metrics
+
+    return wrapped
 
 
 def make_train_step(loss_fn: LossFn, gradient_accumulation_steps: int = 1, donate: bool = True,
@@ -894,6 +910,12 @@ class Trainer:
         c = self.control
         if c.should_log and window:
             logged = self._window_means(window)
+            if not np.isfinite(logged.get("loss", 0.0)):
+                raise FloatingPointError(
+                    f"The training loss is {logged['loss']} at step {self.state.global_step}; stopping instead of "
+                    "training on NaN. With float16 params use bfloat16 or float32 (load with torch_dtype=...; "
+                    "bf16=True keeps float32 master params), or lower the learning rate."
+                )
             lr = self._learning_rate(self.state.global_step)
             if lr is not None:
                 logged["learning_rate"] = lr
@@ -919,12 +941,16 @@ class Trainer:
         self._callback("on_save")
         rotate_checkpoints(self.args.output_dir, self.args.save_total_limit)
 
+    def _compute_loss_fn(self) -> LossFn:
+        """``self.loss_fn`` in the compute dtype the args ask for (``bf16=True``: bfloat16)."""
+        return with_compute_dtype(self.loss_fn, jnp.bfloat16) if self.args.bf16 else self.loss_fn
+
     def _build_train_step(self, accum: Optional[int] = None, micro_batch: Optional[int] = None) -> Callable:
         """The jitted train step; with ``self.mesh`` the state is sharded by the model family's
         partition rules, batches on (data, fsdp), and the step is jitted with those shardings."""
         accum = self.args.gradient_accumulation_steps if accum is None else accum
         micro_batch = self.args.per_device_train_batch_size if micro_batch is None else micro_batch
-        step = make_train_step(self.loss_fn, accum, gradient_checkpointing=self.args.gradient_checkpointing)
+        step = make_train_step(self._compute_loss_fn(), accum, gradient_checkpointing=self.args.gradient_checkpointing)
         if self.mesh is None:
             return step
         from rljax.sharding import (
@@ -1003,7 +1029,7 @@ class Trainer:
         if predictions and self._predict_step is None:
             self._predict_step = jax.jit(self.predict_fn)
         if not predictions and self._eval_step is None:
-            self._eval_step = make_eval_step(self.loss_fn)
+            self._eval_step = make_eval_step(self._compute_loss_fn())
         t0 = time.time()
         batches = BatchIterator(ds, min(self.args.per_device_eval_batch_size, len(ds)), shuffle=False, num_epochs=1)
         sums: Dict[str, float] = {}

@@ -217,6 +217,12 @@ class DPOTrainer(Trainer):
             warnings.warn("`max_prompt_length` is not set in the DPOTrainer's init; it will default to 128 (TRL's "
                           "default), but you should set it yourself.", UserWarning)
             args = dataclasses.replace(args, max_prompt_length=128)
+        if args.max_length <= args.max_prompt_length:
+            raise ValueError(
+                f"max_length={args.max_length} must exceed max_prompt_length={args.max_prompt_length}: no completion "
+                "token would survive truncation, so the loss would sit at log 2 and nothing would train. Raise "
+                "max_length or lower max_prompt_length."
+            )
         if args.label_smoothing > 0 and args.loss_type != "sigmoid":
             warnings.warn(f"label_smoothing is ignored by the {args.loss_type!r} loss (TRL honours it for 'sigmoid' only).")
         if args.padding_value is None:

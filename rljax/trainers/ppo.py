@@ -247,6 +247,7 @@ class PPOTrainer:
 
         # The jitted step donates the state: train on copies so the caller's arrays stay valid.
         policy = self.model.params
+        _check_float_params("model", policy)
         params = _copy_tree(policy)
         shared: Optional[int] = None
         if ref_model is None:
@@ -269,6 +270,7 @@ class PPOTrainer:
             if type(ref_obj.module) is not type(self.module):
                 raise ValueError("ref_model must be the same architecture as model (a value-head model of the same family).")
             ref_full = ref_obj.params
+            _check_same_params("ref_model", ref_full, policy)
             k = getattr(ref_obj, "num_shared_layers", None)
             if k is not None and _shares_layers(policy, ref_full, k):
                 shared = k  # create_reference_model(model, num_shared_layers=k) of this very model
@@ -581,6 +583,37 @@ class PPOTrainer:
         return (outs, ref_outs) if generate_ref_response else outs
 
     # -- the step ---------------------------------------------------------------------------
+    def _check_token_ids(self, queries: List[np.ndarray], responses: List[np.ndarray]) -> None:
+        """Host checks that stop wrong token ids from training silently: integer dtype, ids in
+        ``[0, vocab_size)`` (``-100`` is the labels' ignore index, not a token) and query +
+        response within the model's positions (past them the position embedding is garbage/NaN)."""
+        cfg = getattr(self.module, "config", None)
+        vocab = getattr(cfg, "vocab_size", None)
+        positions = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+        for name, xs in (("queries", queries), ("responses", responses)):
+            for i, x in enumerate(xs):
+                if not np.issubdtype(x.dtype, np.integer):
+                    raise ValueError(
+                        f"query/response token ids must be integers: {name}[{i}] has dtype {x.dtype}. Pass the "
+                        "tokenizer's ids (e.g. np.asarray(ids, np.int32)); floats would be truncated to other tokens."
+                    )
+                bad = (x < 0) | ((x >= vocab) if vocab else False)
+                if np.any(bad):
+                    value = int(x[np.argmax(bad)])
+                    hint = (" -100 is the labels' ignore index, not a token: strip it (or pass response_masks) "
+                            "before step()." if value == -100 else "")
+                    raise ValueError(
+                        f"{name}[{i}] holds token id {value}, outside the model's vocabulary [0, {vocab}).{hint}"
+                    )
+        if positions:
+            for i, (q, r) in enumerate(zip(queries, responses)):
+                if len(q) + len(r) > positions:
+                    raise ValueError(
+                        f"queries[{i}] ({len(q)} tokens) + responses[{i}] ({len(r)} tokens) = {len(q) + len(r)} exceeds "
+                        f"the model's max_position_embeddings {positions}; truncate the query (tokenizer(..., "
+                        "truncation=True, max_length=...)) or generate fewer tokens."
+                    )
+
     def _step_safety_checker(
         self,
         batch_size: Optional[int],
@@ -612,6 +645,7 @@ class PPOTrainer:
         scores = [np.float32(s) for s in validate_scores(scores, n)]
         queries = [_to_numpy(q) for q in queries]
         responses = [_to_numpy(r) for r in responses]
+        self._check_token_ids(queries, responses)
         if masks is not None:
             if len(masks) != n:
                 raise ValueError(f"response_masks has {len(masks)} entries, expected {n}.")
@@ -727,6 +761,32 @@ class PPOTrainer:
 # ==========================================================================
 # Host-side helpers
 # ==========================================================================
+
+
+def _check_float_params(name: str, params: Any) -> None:
+    """PPO trains params by gradient: integer (e.g. quantized) leaves cannot be trained."""
+    bad = [jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
+           if not jnp.issubdtype(jnp.result_type(x), jnp.floating)]
+    if bad:
+        raise ValueError(
+            f"{name}'s params must be floating point to train; {len(bad)} leaves are not (first: {bad[0]} has dtype "
+            f"integer). Load the model in float32 or bfloat16 (torch_dtype=...), not quantized."
+        )
+
+
+def _check_same_params(name: str, params: Any, policy: Any) -> None:
+    """The reference must have the policy's parameter tree and shapes (same architecture and config)."""
+    flat, ref_flat = flatten_dict(policy), flatten_dict(params)
+    missing = sorted(set(flat) - set(ref_flat))
+    extra = sorted(set(ref_flat) - set(flat))
+    shapes = [(k, ref_flat[k].shape, flat[k].shape) for k in flat if k in ref_flat and ref_flat[k].shape != flat[k].shape]
+    if missing or extra or shapes:
+        what = (f"missing {'/'.join(missing[0])}" if missing else f"unexpected {'/'.join(extra[0])}" if extra
+                else f"{'/'.join(shapes[0][0])} has shape {shapes[0][1]}, the policy's {shapes[0][2]}")
+        raise ValueError(
+            f"{name} does not match the policy's parameters ({what}): the reference must be the same architecture and "
+            "config as model. Use create_reference_model(model) or load the same checkpoint twice."
+        )
 
 
 def _copy_tree(tree: Any) -> Any:

@@ -187,8 +187,11 @@ class SFTTrainer(Trainer):
         args = apply_overrides(args, {**given, **kwargs}, "SFTTrainer")
         if args.neftune_noise_alpha is not None and args.neftune_noise_alpha < 0:
             raise ValueError(f"neftune_noise_alpha must be >= 0, got {args.neftune_noise_alpha}.")
-        if args.max_seq_length is not None and args.max_seq_length < 1:
-            raise ValueError(f"max_seq_length must be >= 1, got {args.max_seq_length}.")
+        if args.max_seq_length is not None and args.max_seq_length < 2:
+            raise ValueError(
+                f"max_seq_length must be >= 2 (one input token and one next-token label), got {args.max_seq_length}; "
+                "with fewer tokens there is nothing to train on."
+            )
 
         # -- model and tokenizer ------------------------------------------------------------
         if model is None and model_init is not None:
