@@ -810,7 +810,7 @@ def cli(argv: Optional[Sequence[str]] = None) -> int:
     command = argv[0] if argv else ""
     try:
         main(argv)  # prints where it saved the model
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError, NotImplementedError) as e:
+    except (ValueError, OSError, KeyError, NotImplementedError) as e:  # OSError: FileNotFound, disk full, ...
         if os.environ.get("RLJAX_DEBUG"):
             raise
         message = e.args[0] if isinstance(e, KeyError) and e.args else e

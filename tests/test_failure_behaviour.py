@@ -176,3 +176,16 @@ def test_a_nan_loss_stops_training_with_a_clear_message(tiny_tokenizer, tmp_path
     trainer = SFTTrainer((module, params), args=args, train_dataset=ds, tokenizer=tiny_tokenizer)
     with pytest.raises(FloatingPointError, match="training loss is nan at step 1.*bfloat16 or float32"):
         trainer.train()
+
+
+def test_save_total_limit_counts_only_committed_checkpoints(tmp_path):
+    """A half-written newer checkpoint (a killed save) must not push the last good one out."""
+    import jax.numpy as jnp
+
+    from rljax.trainers.base import TRAIN_STATE_DIR, rotate_checkpoints, save_train_state
+
+    for step in (1, 2, 3):
+        save_train_state(str(tmp_path / f"checkpoint-{step}"), {"w": jnp.full((4,), float(step))}, step, step)
+    os.makedirs(tmp_path / "checkpoint-4" / TRAIN_STATE_DIR / "4.orbax-checkpoint-tmp-0")
+    rotate_checkpoints(str(tmp_path), save_total_limit=2)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-2", "checkpoint-3", "checkpoint-4"]

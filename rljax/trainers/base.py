@@ -1101,12 +1101,18 @@ def rotate_checkpoints(output_dir: str, save_total_limit: Optional[int]) -> None
     ``_rotate_checkpoints``; called only after the newest checkpoint is completely written)."""
     if save_total_limit is None or save_total_limit <= 0 or not os.path.isdir(output_dir):
         return
+    from rljax.checkpoint import checkpoint_problem
+
     found = []
     for name in os.listdir(output_dir):
         head, _, tail = name.partition("-")
         if head == "checkpoint" and tail.isdigit() and os.path.isdir(os.path.join(output_dir, name)):
             found.append((int(tail), name))
-    for _, name in sorted(found)[:-save_total_limit]:
+    # Only committed checkpoints count towards the limit, so a half-written newer directory
+    # (a killed save) never makes the last good checkpoint eligible for deletion.
+    committed = [(s, n) for s, n in sorted(found)
+                 if checkpoint_problem(os.path.join(output_dir, n, TRAIN_STATE_DIR), checksums=False) is None]
+    for _, name in committed[:-save_total_limit]:
         shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
 
 
