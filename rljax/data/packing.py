@@ -118,46 +118,22 @@ def iter_packed_sequences(
             yield {"input_ids": arr, "labels": arr.copy()}
 
 
-def pack_sequences(
-    data: Any,
-    tokenizer: Any,
-    seq_length: int,
-    *,
-    dataset_text_field: Optional[str] = None,
-    formatting_func: Optional[Callable[[Any], str]] = None,
-    num_of_sequences: int = 1024,
-    chars_per_token: float = 3.6,
-    eos_token_id: Optional[int] = None,
-    append_concat_token: bool = True,
-    add_special_tokens: bool = True,
-    shuffle: bool = True,
-    seed: int = 0,
-) -> Dict[str, np.ndarray]:
+def pack_sequences(data: Any, tokenizer: Any, seq_length: int, **options: Any) -> Dict[str, np.ndarray]:
     """Materialized packing (what SFTTrainer(packing=True) builds): ``input_ids``/``labels`` ``[n, seq_length]``.
 
     ``data``: a list of strings, or a dataset / list of dicts with
-    ``dataset_text_field`` or ``formatting_func(example) -> str``. Semantics:
-    :func:`iter_packed_sequences`.
+    ``dataset_text_field`` or ``formatting_func(example) -> str``. ``options``: the
+    keyword arguments of :func:`iter_packed_sequences` (``dataset_text_field``,
+    ``formatting_func``, ``num_of_sequences``, ``chars_per_token``, ``eos_token_id``,
+    ``append_concat_token``, ``add_special_tokens``, ``shuffle``, ``seed``), same
+    defaults and semantics; one pass, so not ``infinite``.
 
     Too little text to fill one chunk gives ``[0, seq_length]`` arrays (TRL's
     ConstantLengthDataset is then an empty iterable); SFTTrainer raises on that.
     """
-    rows = list(
-        iter_packed_sequences(
-            data,
-            tokenizer,
-            seq_length,
-            dataset_text_field=dataset_text_field,
-            formatting_func=formatting_func,
-            num_of_sequences=num_of_sequences,
-            chars_per_token=chars_per_token,
-            eos_token_id=eos_token_id,
-            append_concat_token=append_concat_token,
-            add_special_tokens=add_special_tokens,
-            shuffle=shuffle,
-            seed=seed,
-        )
-    )
+    if options.get("infinite"):
+        raise ValueError("pack_sequences materializes one pass over the data; use iter_packed_sequences(infinite=True).")
+    rows = list(iter_packed_sequences(data, tokenizer, seq_length, **options))
     ids = np.stack([r["input_ids"] for r in rows]) if rows else np.zeros((0, seq_length), np.int32)
     return {"input_ids": ids, "labels": ids.copy()}
 
