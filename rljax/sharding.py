@@ -92,10 +92,25 @@ LLAMA_RULES = _HEAD_RULES + [
     (r".*", P()),  # RMSNorm weights, o_proj/down_proj biases
 ]
 
+# GPT-J / CodeGen: kernels [in, out]. CodeGen's fused qkv_proj out is [4 chunks, (q|v|k), heads/4 * head_dim],
+# so splitting it on "model" (2 or 4 ways) keeps each chunk's q, v, k together.
+GPTJ_RULES = _HEAD_RULES + [
+    (r"wte/embedding$", (P("model", "fsdp"), P(None, ("fsdp", "model")))),  # [vocab, hidden]
+    (r"attn/(q_proj|k_proj|v_proj|qkv_proj)/kernel$", P("fsdp", "model")),  # [hidden, heads*head_dim]
+    (r"attn/out_proj/kernel$", P("model", "fsdp")),  # [hidden, hidden]: input features = heads
+    (r"mlp/fc_in/kernel$", P("fsdp", "model")),  # [hidden, inner]
+    (r"mlp/fc_in/bias$", P("model")),
+    (r"mlp/fc_out/kernel$", P("model", "fsdp")),  # [inner, hidden]
+    (r"lm_head/kernel$", P("fsdp", "model")),  # [hidden, vocab]
+    (r"lm_head/bias$", P("model")),
+    (r".*", P()),  # layer norms, output biases
+]
+
 # Unknown models: FSDP on the largest dim of every matrix, nothing else.
 GENERIC_RULES = _HEAD_RULES + [(r".*", FSDP_LARGEST)]
 
 RULES = {"gpt2": GPT2_RULES, "llama": LLAMA_RULES, "mistral": LLAMA_RULES, "qwen2": LLAMA_RULES}
+RULES.update(gemma=LLAMA_RULES, gptj=GPTJ_RULES, codegen=GPTJ_RULES)
 
 
 # --------------------------------------------------------------------------
@@ -174,6 +189,8 @@ def tree_paths(tree: Any) -> list:
 def infer_family(tree: Any) -> Optional[str]:
     """"gpt2", "llama" or None, from the parameter names found anywhere in ``tree``."""
     joined = "\n".join(tree_paths(tree))
+    if re.search(r"(^|/)h_\d+/attn/(q_proj|qkv_proj)/", joined, re.M):  # before gpt2: same wte name
+        return "gptj"
     if re.search(r"(^|/)(h_\d+/attn/c_attn|wte/embedding)", joined, re.M):
         return "gpt2"
     if re.search(r"(^|/)(layers_\d+/self_attn/q_proj|embed_tokens/embedding)", joined, re.M):

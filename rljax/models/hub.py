@@ -65,6 +65,7 @@ def _ensure_registered() -> None:
     # Importing the family modules registers them.
     import rljax.models.gpt2  # noqa: F401
     import rljax.models.llama  # noqa: F401
+    import rljax.models.gemma  # noqa: F401
 
 
 def hf_name(path: Tuple[str, ...]) -> str:
