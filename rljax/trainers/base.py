@@ -1126,6 +1126,18 @@ def _jax_dtype(value: Any) -> Any:
     raise ValueError(f"torch_dtype {value!r} is not supported; use float32, bfloat16, float16 or 'auto'.")
 
 
+def resolve_tokenizer(model: Any, tokenizer: Any, missing: str) -> Any:
+    """``tokenizer``, or the checkpoint's own when ``model`` is a path (``AutoTokenizer``);
+    ``missing``: the ValueError message when there is neither."""
+    if tokenizer is not None:
+        return tokenizer
+    if not isinstance(model, str):
+        raise ValueError(missing)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model)
+
+
 def resolve_model(model: Any, params: Any = None, dtype=None, model_init_kwargs: Optional[Dict[str, Any]] = None):
     """Accept what TRL users pass as ``model`` and return ``(module, params)``.
 

@@ -46,6 +46,7 @@ from rljax.trainers.base import (
     model_object_of,
     reject_peft,
     resolve_model,
+    resolve_tokenizer,
 )
 
 _REF_KEYS = ("reference_chosen_logps", "reference_rejected_logps")
@@ -203,12 +204,7 @@ class DPOTrainer(Trainer):
             model = model_init()
         if model is None:
             raise ValueError("DPOTrainer needs a model (checkpoint path, (module, params), or a loaded model).")
-        if tokenizer is None:
-            if not isinstance(model, str):
-                raise ValueError("tokenizer must be specified to tokenize a DPO dataset.")
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(model)
+        tokenizer = resolve_tokenizer(model, tokenizer, "tokenizer must be specified to tokenize a DPO dataset.")
         if args.max_length is None:
             warnings.warn("`max_length` is not set in the DPOTrainer's init; it will default to 512 (TRL's default), "
                           "but you should set it yourself.", UserWarning)

@@ -51,6 +51,7 @@ from rljax.trainers.base import (
     make_optimizer,
     make_schedule,
     resolve_model,
+    resolve_tokenizer,
 )
 
 
@@ -136,12 +137,9 @@ class IterativeSFTTrainer(Trainer):
             raise ValueError(f"max_length must be >= 1, got {max_length}.")
         if model is None:
             raise ValueError("IterativeSFTTrainer needs a model (checkpoint path, (module, params), or a loaded model).")
-        if tokenizer is None:
-            if not isinstance(model, str):
-                raise ValueError("IterativeSFTTrainer needs a tokenizer when the model is not a checkpoint path.")
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(model)
+        tokenizer = resolve_tokenizer(
+            model, tokenizer, "IterativeSFTTrainer needs a tokenizer when the model is not a checkpoint path."
+        )
         self.pad_token_id = D.ensure_pad_token(tokenizer)
         args = args if args is not None else TrainingArguments()
         model_object = model if hasattr(model, "module") and hasattr(model, "params") and not isinstance(model, tuple) else None

@@ -33,6 +33,7 @@ from rljax.trainers.base import (
     TrainingArguments,
     apply_overrides,
     resolve_model,
+    resolve_tokenizer,
 )
 
 
@@ -214,11 +215,7 @@ class SFTTrainer(Trainer):
         else:
             module, params = resolve_model(model, params)
         if tokenizer is None:
-            if not isinstance(model, str):
-                raise ValueError("SFTTrainer needs a tokenizer when the model is not a checkpoint path.")
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(model)
+            tokenizer = resolve_tokenizer(model, None, "SFTTrainer needs a tokenizer when the model is not a checkpoint path.")
             if getattr(tokenizer, "pad_token", None) is None:  # TRL: only for the tokenizer it loads itself
                 tokenizer.pad_token = tokenizer.eos_token
         if args.packing and isinstance(data_collator, D.DataCollatorForCompletionOnlyLM):
