@@ -672,6 +672,9 @@ def run_ppo(config, script: PPOScriptArguments) -> Dict[str, Any]:
         with Checkpointer(source, resume=True, async_save=False) as ck:
             state, extra = ck.restore(target_state=state)
         start = int(extra["iteration"])
+        from rljax.logging import drop_jsonl_records_after
+
+        drop_jsonl_records_after(os.path.join(script.output_dir, "metrics.jsonl"), start)
         print(f"[rljax ppo] resumed from {source} at iteration {start}")
     saver = Checkpointer(ckpt_dir, async_save=False, resume=bool(script.resume_from_checkpoint),
                          overwrite=script.overwrite_output_dir and not script.resume_from_checkpoint)

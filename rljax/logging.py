@@ -201,6 +201,31 @@ class StdoutSink(Sink):
             print(line, file=self.stream or sys.stdout, flush=True)
 
 
+def drop_jsonl_records_after(path: str, step: int) -> int:
+    """Resume hygiene: remove the lines of a ``{"step": N, ...}`` JSONL file whose step is past
+    ``step`` (what a killed run logged after its last checkpoint, which the resumed run logs
+    again). Returns how many lines were dropped; a missing file is fine. Atomic rewrite."""
+    if not os.path.isfile(path):
+        return 0
+    with open(path) as f:
+        lines = f.readlines()
+    keep = []
+    for line in lines:
+        try:
+            record_step = json.loads(line).get("step")
+        except (ValueError, AttributeError):
+            record_step = None  # a torn last line of a killed write: drop it too
+            continue
+        if record_step is None or int(record_step) <= step:
+            keep.append(line)
+    if len(keep) != len(lines):
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+        os.replace(tmp, path)
+    return len(lines) - len(keep)
+
+
 class JsonlSink(Sink):
     """``{"step": N, name: value, ...}`` per line (strict JSON: non-finite values are null).
     Samples go to ``samples.jsonl`` and ``samples.md`` beside the metrics file."""

@@ -108,7 +108,7 @@ def run_sft(out_dir: str, resume: bool, kill_at: str) -> None:
     from rljax.trainers.sft import SFTConfig, SFTTrainer
 
     tok = train_tokenizer(TEXTS * 4, vocab_size=128)
-    module = model_from_config(GPT2Config(vocab_size=128, n_positions=32, n_embd=32, n_layer=2, n_head=2,
+    module = model_from_config(GPT2Config(vocab_size=len(tok), n_positions=32, n_embd=32, n_layer=2, n_head=2,
                                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
     params = init_params(module, jax.random.PRNGKey(0))
     args = SFTConfig(output_dir=out_dir, max_steps=SFT_STEPS, save_steps=SFT_SAVE_STEPS, logging_steps=1,

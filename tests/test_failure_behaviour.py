@@ -189,3 +189,15 @@ def test_save_total_limit_counts_only_committed_checkpoints(tmp_path):
     os.makedirs(tmp_path / "checkpoint-4" / TRAIN_STATE_DIR / "4.orbax-checkpoint-tmp-0")
     rotate_checkpoints(str(tmp_path), save_total_limit=2)
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-2", "checkpoint-3", "checkpoint-4"]
+
+
+def test_resume_drops_metrics_logged_after_the_checkpoint(tmp_path):
+    """A killed run's metrics.jsonl lines past its last checkpoint (and a torn last line) go, so
+    the resumed run does not log those steps twice."""
+    from rljax.logging import drop_jsonl_records_after
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.5}\n{"step": 3, "loss": 2.0}\n{"step": 4, "lo')
+    assert drop_jsonl_records_after(str(path), 2) == 2
+    assert path.read_text() == '{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.5}\n'
+    assert drop_jsonl_records_after(str(tmp_path / "missing.jsonl"), 2) == 0

@@ -5,6 +5,8 @@ bucketed lengths, deliberate differences from TRL 0.7.11).
 """
 from __future__ import annotations
 
+import warnings
+
 from typing import (
     Any,
     Callable,
@@ -51,6 +53,12 @@ def train_tokenizer(
         show_progress=False,
     )
     tok.train_from_iterator(list(texts), trainer=trainer)
+    if tok.get_vocab_size() > vocab_size:
+        warnings.warn(
+            f"train_tokenizer: vocab_size={vocab_size} is below the byte-level alphabet (256) plus the special tokens; "
+            f"the tokenizer has {tok.get_vocab_size()} tokens. Size models with vocab_size=len(tokenizer).",
+            UserWarning,
+        )
     kwargs = dict(pad_token=pad_token, eos_token=eos_token, unk_token=unk_token)
     if bos_token:
         kwargs["bos_token"] = bos_token
