@@ -94,7 +94,7 @@ def as_score_model(model: Any, params: Any = None, *, seed: int = 0) -> Tuple[An
         return module, (params if params is not None else loaded)
     module, params = resolve_model(model, params)
     if not isinstance(module, SequenceScoreModel):
-        trunk = {k: v for k, v in params.items() if k not in ("lm_head", "v_head")}
+        trunk = {k: v for k, v in params.items() if k not in ("lm_head", "embed_out", "v_head")}
         module = SequenceScoreModel(module.config, 1, getattr(module, "dtype", jnp.float32))
         params = {**trunk, **init_score(module, jax.random.PRNGKey(seed))}
     if module.num_labels != 1:

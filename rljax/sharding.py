@@ -92,6 +92,20 @@ LLAMA_RULES = _HEAD_RULES + [
     (r".*", P()),  # RMSNorm weights, o_proj/down_proj biases
 ]
 
+# GPT-NeoX / Pythia: kernels [in, out]; query_key_value's out is [heads, 3 * head_dim] (per-head q|k|v),
+# so splitting it on "model" splits whole heads when the axis divides num_attention_heads.
+GPT_NEOX_RULES = _HEAD_RULES + [
+    (r"embed_in/embedding$", (P("model", "fsdp"), P(None, ("fsdp", "model")))),  # [vocab, hidden]
+    (r"attention/query_key_value/kernel$", P("fsdp", "model")),  # [hidden, 3*hidden]
+    (r"attention/query_key_value/bias$", P("model")),
+    (r"attention/dense/kernel$", P("model", "fsdp")),  # [hidden, hidden]: input features = heads
+    (r"mlp/dense_h_to_4h/kernel$", P("fsdp", "model")),  # [hidden, intermediate]
+    (r"mlp/dense_h_to_4h/bias$", P("model")),
+    (r"mlp/dense_4h_to_h/kernel$", P("model", "fsdp")),  # [intermediate, hidden]
+    (r"embed_out/kernel$", P("fsdp", "model")),  # [hidden, vocab]
+    (r".*", P()),  # layer norms, output biases
+]
+
 # GPT-J / CodeGen: kernels [in, out]. CodeGen's fused qkv_proj out is [4 chunks, (q|v|k), heads/4 * head_dim],
 # so splitting it on "model" (2 or 4 ways) keeps each chunk's q, v, k together.
 GPTJ_RULES = _HEAD_RULES + [
@@ -109,7 +123,8 @@ GPTJ_RULES = _HEAD_RULES + [
 # Unknown models: FSDP on the largest dim of every matrix, nothing else.
 GENERIC_RULES = _HEAD_RULES + [(r".*", FSDP_LARGEST)]
 
-RULES = {"gpt2": GPT2_RULES, "llama": LLAMA_RULES, "mistral": LLAMA_RULES, "qwen2": LLAMA_RULES}
+RULES = {"gpt2": GPT2_RULES, "llama": LLAMA_RULES, "mistral": LLAMA_RULES, "qwen2": LLAMA_RULES,
+         "gpt_neox": GPT_NEOX_RULES}
 RULES.update(gemma=LLAMA_RULES, gptj=GPTJ_RULES, codegen=GPTJ_RULES)
 
 
@@ -187,12 +202,14 @@ def tree_paths(tree: Any) -> list:
 
 
 def infer_family(tree: Any) -> Optional[str]:
-    """"gpt2", "llama" or None, from the parameter names found anywhere in ``tree``."""
+    """A ``RULES`` key ("gpt2", "llama", ...) or None, from the parameter names found anywhere in ``tree``."""
     joined = "\n".join(tree_paths(tree))
     if re.search(r"(^|/)h_\d+/attn/(q_proj|qkv_proj)/", joined, re.M):  # before gpt2: same wte name
         return "gptj"
     if re.search(r"(^|/)(h_\d+/attn/c_attn|wte/embedding)", joined, re.M):
         return "gpt2"
+    if re.search(r"(^|/)(layers_\d+/attention/query_key_value|embed_in/embedding)", joined, re.M):
+        return "gpt_neox"
     if re.search(r"(^|/)(layers_\d+/self_attn/q_proj|embed_tokens/embedding)", joined, re.M):
         return "llama"
     return None

@@ -169,6 +169,8 @@ class CausalLM(nn.Module):
     trunk_name: ClassVar[str] = ""
     # Learned position embeddings (GPT-2) cannot go past max_position_embeddings; RoPE can.
     positions_are_hard_limit: ClassVar[bool] = False
+    # The untied output projection's HF name ("embed_out" in GPT-NeoX checkpoints).
+    lm_head_name: ClassVar[str] = "lm_head"
 
     @nn.compact
     def __call__(
@@ -186,7 +188,8 @@ class CausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             logits = embed.attend(hidden)
         else:
-            logits = nn.Dense(self.config.vocab_size, use_bias=False, dtype=self.dtype, name="lm_head")(hidden)
+            logits = nn.Dense(self.config.vocab_size, use_bias=False, dtype=self.dtype,
+                              name=self.lm_head_name)(hidden)
         return CausalLMOutput(logits=logits.astype(jnp.float32), hidden_states=hidden, cache=new_cache)
 
     def init_cache(self, batch_size: int, max_length: int, dtype=None) -> dict:

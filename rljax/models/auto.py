@@ -200,12 +200,14 @@ class WeightsView:
 
 def _tied_aliases(config, params) -> Dict[str, str]:
     """``lm_head.weight`` -> the input embedding for tied models (torch lists both names)."""
-    if not getattr(config, "tie_word_embeddings", False) or "lm_head" in params:
+    family = family_of(config)
+    head = family.tied_key or "lm_head.weight"
+    if not getattr(config, "tie_word_embeddings", False) or head.split(".")[0] in params:
         return {}
-    for key in ("transformer.wte.weight", "model.embed_tokens.weight"):
+    for key in (family.embed_key,) if family.embed_key else ("transformer.wte.weight", "model.embed_tokens.weight"):
         top = key.split(".")[0]
         if top in params:
-            return {"lm_head.weight": key}
+            return {head: key}
     return {}
 
 

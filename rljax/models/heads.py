@@ -149,8 +149,15 @@ def lm_params(params) -> dict:
 def init_value_head(module: CausalLMWithValueHead, rng: jax.Array) -> dict:
     """Fresh ``{"v_head": ...}`` params for ``module`` (the LM itself is not initialised)."""
     head = ValueHead(module.summary_dropout_prob, module.v_head_init_strategy, module.v_head_initializer_range)
-    dummy = jnp.zeros((1, 1, module.config.hidden_size), jnp.float32)
+    dummy = jnp.zeros((1, 1, trunk_output_size(module.config)), jnp.float32)
     return {"v_head": head.init(rng, dummy)["params"]}
+
+
+def trunk_output_size(config) -> int:
+    """Width of the trunk's last hidden state, which the heads read: ``hidden_size``, or OPT's
+    ``word_embed_proj_dim`` (OPT projects its output down before the LM head; TRL sizes its
+    value head the same way)."""
+    return getattr(config, "word_embed_proj_dim", None) or config.hidden_size
 
 
 def _float32_head(params, key: str):
@@ -271,7 +278,7 @@ def init_score(module: SequenceScoreModel, rng: jax.Array) -> dict:
     """Fresh ``{"score": ...}`` params (N(0, initializer_range), as HF initialises it)."""
     init = nn.initializers.normal(module.config.initializer_range)
     dense = nn.Dense(module.num_labels, use_bias=False, kernel_init=init)
-    return {"score": dense.init(rng, jnp.zeros((1, module.config.hidden_size), jnp.float32))["params"]}
+    return {"score": dense.init(rng, jnp.zeros((1, trunk_output_size(module.config)), jnp.float32))["params"]}
 
 
 def sequence_score_from_pretrained(
@@ -305,7 +312,7 @@ def sequence_score_from_pretrained(
     defaults = init_score(module, jax.random.PRNGKey(0) if rng is None else rng)
     params = state_dict_to_params(
         load_state_dict(directory), abstract_params(module), family_of(module.config), dtype=dtype,
-        defaults=defaults, ignore=(r"^lm_head\.", r"^v_head\."),
+        defaults=defaults, ignore=(r"^lm_head\.", r"^embed_out\.", r"^v_head\."),
     )
     return module, params
 

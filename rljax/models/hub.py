@@ -33,6 +33,7 @@ class Family:
     trunk_cls: Any = None  # the module without the LM head (for sequence-score / value heads)
     trunk_name: Optional[str] = None  # its HF prefix: "transformer" (GPT-2), "model" (Llama family)
     hf_prefix: str = ""  # HF class-name prefix: "GPT2" -> GPT2ForSequenceClassification
+    embed_key: Optional[str] = None  # HF name of the input embedding a tied head reuses (None: transformer.wte / model.embed_tokens)
 
 
 SINGLE_FILE = "model.safetensors"
@@ -66,6 +67,7 @@ def _ensure_registered() -> None:
     import rljax.models.gpt2  # noqa: F401
     import rljax.models.llama  # noqa: F401
     import rljax.models.gemma  # noqa: F401
+    import rljax.models.gpt_neox  # noqa: F401
 
 
 def hf_name(path: Tuple[str, ...]) -> str:

@@ -53,7 +53,10 @@ from rljax.ppo_train import (
 )
 
 _LAYER = re.compile(r"(?:^|/)(?:h|layers)_(\d+)(?:/|$)")
-_EMBED = re.compile(r"(?:^|/)(?:wte|wpe|embed_tokens)(?:/|$)")
+# What TRL's create_reference_model shares besides the first layers: every parameter registered before
+# layer 0 (embeddings; OPT's projections and its decoder-level final_layer_norm).
+_EMBED = re.compile(r"(?:^|/)(?:wte|wpe|embed_tokens|embed_in|embed_positions|project_in|project_out"
+                    r"|decoder/final_layer_norm)(?:/|$)")
 
 
 # ==========================================================================
