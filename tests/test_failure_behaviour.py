@@ -167,7 +167,7 @@ def test_a_nan_loss_stops_training_with_a_clear_message(tiny_tokenizer, tmp_path
     import jax
     import jax.numpy as jnp
 
-    module = model_from_config(GPT2Config(vocab_size=128, n_positions=32, n_embd=16, n_layer=1, n_head=2))
+    module = model_from_config(GPT2Config(vocab_size=len(tiny_tokenizer), n_positions=32, n_embd=16, n_layer=1, n_head=2))
     params = init_params(module, jax.random.PRNGKey(0))
     params = jax.tree_util.tree_map(lambda p: p.at[...].set(jnp.nan) if p.ndim == 2 else p, params)  # a broken model
     ds = datasets.Dataset.from_dict({"text": ["the movie was great"] * 8})
@@ -201,3 +201,23 @@ def test_resume_drops_metrics_logged_after_the_checkpoint(tmp_path):
     assert drop_jsonl_records_after(str(path), 2) == 2
     assert path.read_text() == '{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.5}\n'
     assert drop_jsonl_records_after(str(tmp_path / "missing.jsonl"), 2) == 0
+
+
+def test_token_ids_past_the_models_vocabulary_are_rejected_before_training(tiny_tokenizer, tmp_path):
+    """A tokenizer with more tokens than the model's vocab_size: JAX's embedding gather would
+    return NaN for the extra ids and the run would train on NaN; the batch check names the fix."""
+    import datasets
+    import jax
+
+    from rljax.models import init_params, model_from_config
+    from rljax.models.gpt2 import GPT2Config
+    from rljax.trainers.sft import SFTConfig, SFTTrainer
+
+    module = model_from_config(GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=1, n_head=2))
+    ds = datasets.Dataset.from_dict({"text": ["the movie was great"] * 8})
+    args = SFTConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, dataset_text_field="text",
+                     max_seq_length=16, report_to=[], save_strategy="no", disable_tqdm=True)
+    trainer = SFTTrainer((module, init_params(module, jax.random.PRNGKey(0))), args=args, train_dataset=ds,
+                         tokenizer=tiny_tokenizer)
+    with pytest.raises(ValueError, match=r"outside the model's vocabulary \[0, 64\).*vocab_size=len\(tokenizer\)"):
+        trainer.train()
