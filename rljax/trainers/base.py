@@ -14,7 +14,7 @@ import os
 import shutil
 import time
 import warnings
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -953,23 +953,13 @@ class Trainer:
         step = make_train_step(self._compute_loss_fn(), accum, gradient_checkpointing=self.args.gradient_checkpointing)
         if self.mesh is None:
             return step
-        from rljax.sharding import (
-            batch_sharding,
-            batch_size_divisor,
-            jit_sharded,
-            replicated,
-            shard_state,
-            state_shardings,
-        )
+        from rljax.sharding import batch_sharding, jit_sharded, replicated
 
-        if micro_batch % batch_size_divisor(self.mesh):
-            raise ValueError(
-                f"The micro-batch of {micro_batch} examples (per_device_train_batch_size, or the whole dataset when it "
-                f"is smaller than one batch) must be a multiple of the mesh's data x fsdp size "
-                f"({batch_size_divisor(self.mesh)}) to shard batches."
-            )
-        self.train_state = shard_state(self.train_state, self.mesh)
-        shardings = state_shardings(self.train_state, self.mesh)
+        self.train_state, shardings = shard_state_for_mesh(
+            self.train_state, self.mesh, micro_batch,
+            f"The micro-batch of {micro_batch} examples (per_device_train_batch_size, or the whole dataset when it "
+            "is smaller than one batch)",
+        )
         return jit_sharded(
             step, self.mesh, in_shardings=(shardings, batch_sharding(self.mesh)),
             out_shardings=(shardings, replicated(self.mesh)), donate_argnums=(0,),
@@ -1124,6 +1114,19 @@ def _jax_dtype(value: Any) -> Any:
     if name in ("float32", "bfloat16", "float16"):
         return getattr(jnp, name)
     raise ValueError(f"torch_dtype {value!r} is not supported; use float32, bfloat16, float16 or 'auto'.")
+
+
+def shard_state_for_mesh(state: Any, mesh: Any, batch_rows: int, what: str) -> Tuple[Any, Any]:
+    """Check that ``batch_rows`` (one step's rows, ``what`` names them in the error) split over
+    the mesh's data x fsdp devices, then shard ``state`` by the model family's partition rules.
+    Returns ``(sharded state, its shardings)``."""
+    from rljax.sharding import batch_size_divisor, shard_state, state_shardings
+
+    divisor = batch_size_divisor(mesh)
+    if batch_rows % divisor:
+        raise ValueError(f"{what} must be a multiple of the mesh's data x fsdp size ({divisor}) to shard batches.")
+    state = shard_state(state, mesh)
+    return state, state_shardings(state, mesh)
 
 
 def resolve_tokenizer(model: Any, tokenizer: Any, missing: str) -> Any:

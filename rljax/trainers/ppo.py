@@ -356,22 +356,11 @@ class PPOTrainer:
     def _jit_on_mesh(self, mesh) -> None:
         """Shard the state by the family's rules (params, reference, Adam moments) and jit the
         forward pass and ``ppo_step`` with batch-sharded rollouts (rows on data x fsdp)."""
-        from rljax.sharding import (
-            batch_sharding,
-            batch_size_divisor,
-            jit_sharded,
-            replicated,
-            shard_state,
-            state_shardings,
-        )
+        from rljax.sharding import batch_sharding, jit_sharded, replicated
+        from rljax.trainers.base import shard_state_for_mesh
 
-        if self.config.mini_batch_size % batch_size_divisor(mesh):
-            raise ValueError(
-                f"mini_batch_size={self.config.mini_batch_size} must be a multiple of the mesh's data x fsdp size "
-                f"({batch_size_divisor(mesh)})."
-            )
-        self.state = shard_state(self.state, mesh)
-        sh = state_shardings(self.state, mesh)
+        self.state, sh = shard_state_for_mesh(self.state, mesh, self.config.mini_batch_size,
+                                              f"mini_batch_size={self.config.mini_batch_size}")
         rows = batch_sharding(mesh)
         self._forward = jit_sharded(
             self._forward_fn(), mesh, in_shardings=(sh.params, sh.ref_params, rows, rows, rows, rows), out_shardings=rows
