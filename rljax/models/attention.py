@@ -169,6 +169,8 @@ class CausalLM(nn.Module):
     trunk_name: ClassVar[str] = ""
     # Learned position embeddings (GPT-2) cannot go past max_position_embeddings; RoPE can.
     positions_are_hard_limit: ClassVar[bool] = False
+    # An untied output projection with a bias (GPT-J, CodeGen).
+    lm_head_bias: ClassVar[bool] = False
     # The untied output projection's HF name ("embed_out" in GPT-NeoX checkpoints).
     lm_head_name: ClassVar[str] = "lm_head"
 
@@ -188,7 +190,7 @@ class CausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             logits = embed.attend(hidden)
         else:
-            logits = nn.Dense(self.config.vocab_size, use_bias=False, dtype=self.dtype,
+            logits = nn.Dense(self.config.vocab_size, use_bias=self.lm_head_bias, dtype=self.dtype,
                               name=self.lm_head_name)(hidden)
         return CausalLMOutput(logits=logits.astype(jnp.float32), hidden_states=hidden, cache=new_cache)
 

@@ -67,6 +67,7 @@ def _ensure_registered() -> None:
     import rljax.models.gpt2  # noqa: F401
     import rljax.models.llama  # noqa: F401
     import rljax.models.gemma  # noqa: F401
+    import rljax.models.gptj  # noqa: F401
     import rljax.models.gpt_neox  # noqa: F401
 
 
