@@ -373,3 +373,29 @@ def test_gpt2_attention_dropout_applies_in_training_only():
         jax.random.split(jax.random.PRNGKey(0), 4000))
     np.testing.assert_allclose(dropped.mean(0), exact, atol=0.05)
     np.testing.assert_array_equal(no_rng, exact)
+
+
+def test_llama_attention_dropout_applies_in_training_only():
+    from rljax.models import init_params
+    from rljax.models.llama import LlamaForCausalLM
+
+    def logits_fn(rate):
+        cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
+                          attention_dropout=rate)
+        model = LlamaForCausalLM(cfg)
+        params = init_params(model, jax.random.PRNGKey(0))
+        return jax.jit(lambda rng, det: model.apply({"params": params}, ids, deterministic=det,
+                                                    rngs={"dropout": rng}).logits, static_argnums=1)
+
+    ids = jnp.asarray(np.random.RandomState(0).randint(3, VOCAB, (2, 8)))
+    run = logits_fn(0.3)
+    evaluated = run(jax.random.PRNGKey(1), True)
+    np.testing.assert_array_equal(evaluated, run(jax.random.PRNGKey(2), True))
+    train_a, train_b = run(jax.random.PRNGKey(1), False), run(jax.random.PRNGKey(2), False)
+    assert not np.allclose(train_a, evaluated) and not np.allclose(train_a, train_b)
+    np.testing.assert_array_equal(train_a, run(jax.random.PRNGKey(1), False))
+    # the default (0, every released checkpoint): training logits are the eval logits, same params
+    off = logits_fn(0.0)
+    np.testing.assert_array_equal(off(jax.random.PRNGKey(1), False), off(jax.random.PRNGKey(1), True))
+    np.testing.assert_array_equal(off(jax.random.PRNGKey(1), True), evaluated)

@@ -23,7 +23,9 @@ RoPE is computed from ``position_ids`` (so left-padded rows start at 0), with
 rope_scaling types "default", "linear", "llama3" and "dynamic" (NTK). "dynamic"
 rescales by the largest position in the current call; HF additionally remembers
 the largest length seen by the module object, a hidden state we do not copy.
-Attention dropout (``attention_dropout``, 0 in every released checkpoint) is not applied.
+``attention_dropout`` (0 in every released checkpoint) drops attention probabilities in
+training (``deterministic=False`` with a "dropout" rng), as HF's ``attention_dropout`` does;
+evaluation is exact.
 """
 from __future__ import annotations
 
@@ -270,7 +272,7 @@ class LlamaAttention(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, cos, sin, attention_mask, layer_cache, cache_index):
+    def __call__(self, x, cos, sin, attention_mask, layer_cache, cache_index, deterministic: bool = True):
         cfg = self.config
         b, s, _ = x.shape
         h, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -281,7 +283,10 @@ class LlamaAttention(nn.Module):
         q = apply_rope(proj("q_proj", h), cos, sin)
         k = apply_rope(proj("k_proj", kv), cos, sin)
         v = proj("v_proj", kv)
-        out, new_cache = attend(q, k, v, attention_mask, layer_cache, cache_index, sliding_window=self.sliding_window)
+        # attention_dropout drops attention probabilities in training only; eval is exact.
+        dropout_rng = None if deterministic or not cfg.attention_dropout else self.make_rng("dropout")
+        out, new_cache = attend(q, k, v, attention_mask, layer_cache, cache_index, sliding_window=self.sliding_window,
+                                dropout_rate=cfg.attention_dropout, dropout_rng=dropout_rng)
         out = nn.Dense(cfg.hidden_size, use_bias=cfg.o_bias, dtype=self.dtype, name="o_proj")(out.reshape(b, s, h * d))
         return out, new_cache
 
@@ -305,11 +310,11 @@ class LlamaDecoderLayer(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, cos, sin, attention_mask, layer_cache, cache_index):
+    def __call__(self, x, cos, sin, attention_mask, layer_cache, cache_index, deterministic: bool = True):
         cfg = self.config
         h, new_cache = LlamaAttention(cfg, self.sliding_window, self.dtype, name="self_attn")(
             RMSNorm(cfg.rms_norm_eps, self.dtype, name="input_layernorm")(x),
-            cos, sin, attention_mask, layer_cache, cache_index,
+            cos, sin, attention_mask, layer_cache, cache_index, deterministic,
         )
         x = x + h
         h = RMSNorm(cfg.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x)
@@ -325,7 +330,6 @@ class LlamaModel(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids, attention_mask, position_ids, cache, deterministic):
-        del deterministic  # the Llama family has no dropout
         cfg = self.config
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, name="embed_tokens")
         x = embed(input_ids)
@@ -335,7 +339,7 @@ class LlamaModel(nn.Module):
         for i in range(cfg.num_hidden_layers):
             layer_cache = None if cache is None else cache["layers"][i]
             x, lc = LlamaDecoderLayer(cfg, cfg.layer_sliding_window(i), self.dtype, name=f"layers_{i}")(
-                x, cos, sin, attention_mask, layer_cache, index
+                x, cos, sin, attention_mask, layer_cache, index, deterministic
             )
             new_layers.append(lc)
         x = RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")(x)
