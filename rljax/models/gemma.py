@@ -12,8 +12,7 @@ load/save) with four differences, all here:
 - ``head_dim`` is its own config field (256 in released checkpoints, not hidden / heads).
 
 Attention (GQA, rotate-half RoPE) and the MLP reuse ``rljax.models.llama``'s blocks.
-Attention dropout (``attention_dropout``, 0 in every released checkpoint) is not applied, as in
-the Llama family.
+Attention dropout (``attention_dropout``, 0 in every released checkpoint) is not applied.
 """
 from __future__ import annotations
 
