@@ -120,11 +120,27 @@ GPTJ_RULES = _HEAD_RULES + [
     (r".*", P()),  # layer norms, output biases
 ]
 
+# OPT: kernels [in, out]; embed_tokens is [vocab, word_embed_proj_dim], project_in/out map that width
+# to and from hidden_size (FSDP on their larger dim).
+OPT_RULES = _HEAD_RULES + [
+    (r"embed_tokens/embedding$", (P("model", "fsdp"), P(None, ("fsdp", "model")))),  # [vocab, proj]
+    (r"embed_positions/embedding$", (P(None, "fsdp"), P(None, ("fsdp", "model")))),  # [positions + 2, hidden]
+    (r"project_(in|out)/kernel$", FSDP_LARGEST),
+    (r"self_attn/(q_proj|k_proj|v_proj)/kernel$", P("fsdp", "model")),  # [hidden, hidden]: heads on model
+    (r"self_attn/(q_proj|k_proj|v_proj)/bias$", P("model")),
+    (r"self_attn/out_proj/kernel$", P("model", "fsdp")),
+    (r"fc1/kernel$", P("fsdp", "model")),  # [hidden, ffn_dim]
+    (r"fc1/bias$", P("model")),
+    (r"fc2/kernel$", P("model", "fsdp")),  # [ffn_dim, hidden]
+    (r"lm_head/kernel$", P("fsdp", "model")),  # [proj, vocab] (untied models only)
+    (r".*", P()),  # layer norms, output biases
+]
+
 # Unknown models: FSDP on the largest dim of every matrix, nothing else.
 GENERIC_RULES = _HEAD_RULES + [(r".*", FSDP_LARGEST)]
 
 RULES = {"gpt2": GPT2_RULES, "llama": LLAMA_RULES, "mistral": LLAMA_RULES, "qwen2": LLAMA_RULES,
-         "gpt_neox": GPT_NEOX_RULES}
+         "gpt_neox": GPT_NEOX_RULES, "opt": OPT_RULES}
 RULES.update(gemma=LLAMA_RULES, gptj=GPTJ_RULES, codegen=GPTJ_RULES)
 
 
@@ -210,6 +226,8 @@ def infer_family(tree: Any) -> Optional[str]:
         return "gpt2"
     if re.search(r"(^|/)(layers_\d+/attention/query_key_value|embed_in/embedding)", joined, re.M):
         return "gpt_neox"
+    if re.search(r"(^|/)(decoder/embed_positions|layers_\d+/fc1)/", joined, re.M):  # before llama: same q_proj
+        return "opt"
     if re.search(r"(^|/)(layers_\d+/self_attn/q_proj|embed_tokens/embedding)", joined, re.M):
         return "llama"
     return None

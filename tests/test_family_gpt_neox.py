@@ -143,3 +143,18 @@ def test_pythia_buffers_in_old_checkpoints_are_ignored(pythia, tmp_path):
     (tmp_path / "config.json").write_text(open(f"{path}/config.json").read())
     _, loaded = from_pretrained(str(tmp_path))
     jax.tree.map(np.testing.assert_array_equal, params, loaded)
+
+
+def test_reference_model_shares_what_trl_shares(pythia):
+    """TRL's create_reference_model(num_shared_layers=1) shares what torch registers before layer 0
+    (the input embedding) plus layer 0."""
+    from flax.traverse_util import flatten_dict
+
+    from rljax.models.hub import hf_name
+    from rljax.trainers.ppo import shared_layer_mask
+
+    _, torch_model, _, _, params = pythia
+    torch_names = [n for n, _ in torch_model.named_parameters()]
+    first_layer = next(i for i, n in enumerate(torch_names) if n.startswith("gpt_neox.layers.0."))
+    mask = flatten_dict(shared_layer_mask(params, 1))
+    assert {hf_name(p) for p, v in mask.items() if v and "layers_0" not in p} == set(torch_names[:first_layer])

@@ -3,7 +3,7 @@
 Same cases and inputs. TRL loops over hub checkpoints ("trl-internal-testing/tiny-random-*");
 here each is a tiny local checkpoint written by transformers (``save_pretrained``) into a tmp
 dir, one pytest parameter per architecture. Architectures rljax does not implement yet
-(GPT-Neo, GPT-NeoX, OPT, Bloom, and every seq2seq model) are kept as skipped
+(GPT-Neo, Bloom, and every seq2seq model) are kept as skipped
 parameters. TRL's list has Llama commented out ("uncomment on the next transformers release");
 it runs here. "GPT2LMHeadModel-safetensors-sharded" stands in for TRL's sharded checkpoints.
 Changes beyond imports: ``torch.allclose`` on state-dict arrays -> ``np.allclose``; dtype
@@ -37,7 +37,7 @@ ALL_CAUSAL_LM_MODELS = [
     "GPTJForCausalLM",
     _skip("GPTNeoForCausalLM"),
     "GPTNeoXForCausalLM",
-    _skip("OPTForCausalLM"),
+    "OPTForCausalLM",
     _skip("BloomForCausalLM"),
     "GPT2LMHeadModel",
     "CodeGenForCausalLM-sharded",
@@ -78,6 +78,10 @@ _CONFIGS = {
                                                              num_hidden_layers=2, num_attention_heads=4,
                                                              max_position_embeddings=64, bos_token_id=1,
                                                              eos_token_id=2),
+    "OPTForCausalLM": lambda: transformers.OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                                     num_attention_heads=4, max_position_embeddings=64,
+                                                     word_embed_proj_dim=16, pad_token_id=0, bos_token_id=1,
+                                                     eos_token_id=2),
 }
 
 
