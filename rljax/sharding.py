@@ -136,12 +136,18 @@ OPT_RULES = _HEAD_RULES + [
     (r".*", P()),  # layer norms, output biases
 ]
 
+# GPT-Neo: GPT-2's table (its c_fc/c_proj kernels are [in, out] once loaded) plus separate q/k/v/out projections.
+GPT_NEO_RULES = _HEAD_RULES + [
+    (r"attn/attention/(q_proj|k_proj|v_proj)/kernel$", P("fsdp", "model")),  # [hidden, hidden]
+    (r"attn/attention/out_proj/kernel$", P("model", "fsdp")),
+] + GPT2_RULES[len(_HEAD_RULES):]
+
 # Unknown models: FSDP on the largest dim of every matrix, nothing else.
 GENERIC_RULES = _HEAD_RULES + [(r".*", FSDP_LARGEST)]
 
 RULES = {"gpt2": GPT2_RULES, "llama": LLAMA_RULES, "mistral": LLAMA_RULES, "qwen2": LLAMA_RULES,
          "gpt_neox": GPT_NEOX_RULES, "opt": OPT_RULES}
-RULES.update(gemma=LLAMA_RULES, gptj=GPTJ_RULES, codegen=GPTJ_RULES)
+RULES.update(gemma=LLAMA_RULES, gptj=GPTJ_RULES, codegen=GPTJ_RULES, gpt_neo=GPT_NEO_RULES)
 
 
 # --------------------------------------------------------------------------
@@ -222,6 +228,8 @@ def infer_family(tree: Any) -> Optional[str]:
     joined = "\n".join(tree_paths(tree))
     if re.search(r"(^|/)h_\d+/attn/(q_proj|qkv_proj)/", joined, re.M):  # before gpt2: same wte name
         return "gptj"
+    if re.search(r"(^|/)h_\d+/attn/attention/q_proj/", joined, re.M):
+        return "gpt_neo"
     if re.search(r"(^|/)(h_\d+/attn/c_attn|wte/embedding)", joined, re.M):
         return "gpt2"
     if re.search(r"(^|/)(layers_\d+/attention/query_key_value|embed_in/embedding)", joined, re.M):

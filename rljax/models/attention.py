@@ -82,6 +82,7 @@ def dot_product_attention(
     bias: jax.Array,
     dropout_rate: float = 0.0,
     dropout_rng: Optional[jax.Array] = None,
+    scale: Optional[float] = None,
 ) -> jax.Array:
     """Softmax attention with grouped KV heads (query head i reads KV head i // (heads // kv_heads),
     as HF's ``repeat_kv`` does).
@@ -91,6 +92,7 @@ def dot_product_attention(
     Softmax runs in float32 whatever the parameter dtype. With a ``dropout_rng`` (training) and
     ``dropout_rate`` > 0, the attention probabilities are dropped and rescaled by
     1 / (1 - rate), as HF's ``attn_dropout`` does; without one, nothing is dropped.
+    ``scale``: the factor on q.k (None: 1 / sqrt(head_dim); GPT-Neo uses 1.0).
     """
     b, q_len, h, d = q.shape
     kv_heads = k.shape[2]
@@ -98,7 +100,8 @@ def dot_product_attention(
         raise ValueError(f"{h} query heads cannot be grouped over {kv_heads} key/value heads.")
     groups = h // kv_heads
     q = q.reshape(b, q_len, kv_heads, groups, d)
-    scores = jnp.einsum("bqhgd,bkhd->bhgqk", q, k).astype(jnp.float32) / jnp.sqrt(d).astype(jnp.float32)
+    scores = jnp.einsum("bqhgd,bkhd->bhgqk", q, k).astype(jnp.float32)
+    scores = scores / jnp.sqrt(d).astype(jnp.float32) if scale is None else scores * jnp.float32(scale)
     scores = scores + bias[:, :, None].astype(jnp.float32)
     probs = jax.nn.softmax(scores, axis=-1)
     if dropout_rng is not None and dropout_rate > 0.0:
@@ -111,17 +114,17 @@ def dot_product_attention(
 
 def attend(
     q, k, v, attention_mask, layer_cache, cache_index, sliding_window: Optional[int] = None,
-    dropout_rate: float = 0.0, dropout_rng: Optional[jax.Array] = None,
+    dropout_rate: float = 0.0, dropout_rng: Optional[jax.Array] = None, scale: Optional[float] = None,
 ):
     """Attention for one layer, with or without a cache. Returns (out, new_layer_cache).
-    ``dropout_rate``/``dropout_rng``: attention-probability dropout (see ``dot_product_attention``)."""
+    ``dropout_rate``/``dropout_rng``/``scale``: see ``dot_product_attention``."""
     q_len = q.shape[1]
     if layer_cache is None:
         bias = attention_bias(attention_mask, q_len, 0, jnp.float32, sliding_window)
-        return dot_product_attention(q, k, v, bias, dropout_rate, dropout_rng), None
+        return dot_product_attention(q, k, v, bias, dropout_rate, dropout_rng, scale), None
     new_cache = update_layer_cache(layer_cache, k, v, cache_index)
     bias = attention_bias(attention_mask, q_len, cache_index, jnp.float32, sliding_window)
-    return dot_product_attention(q, new_cache["k"], new_cache["v"], bias, dropout_rate, dropout_rng), new_cache
+    return dot_product_attention(q, new_cache["k"], new_cache["v"], bias, dropout_rate, dropout_rng, scale), new_cache
 
 
 def cache_mask_shape(cache) -> tuple:

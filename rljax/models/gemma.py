@@ -90,7 +90,9 @@ class GemmaConfig:
         if "rope_theta" in rope:
             kw["rope_theta"] = rope["rope_theta"]
         if d.get("use_bidirectional_attention"):
-            raise ValueError("use_bidirectional_attention=True (non-causal Gemma) is not supported by rljax's causal LM.")
+            raise ValueError(
+                "use_bidirectional_attention=True (non-causal Gemma) is not supported by rljax's causal LM."
+            )
         return cls(**kw)
 
     def to_dict(self) -> dict:

@@ -123,8 +123,8 @@ class GPTJAttention(nn.Module):
         """q, k, v [batch, seq, heads, head_dim] from separate bias-free projections."""
         cfg = self.config
         shape = (*x.shape[:2], cfg.n_head, cfg.head_dim)
-        proj = lambda name: nn.Dense(cfg.n_embd, use_bias=False, dtype=self.dtype, name=name)(x).reshape(shape)  # noqa: E731
-        return proj("q_proj"), proj("k_proj"), proj("v_proj")
+        dense = lambda name: nn.Dense(cfg.n_embd, use_bias=False, dtype=self.dtype, name=name)  # noqa: E731
+        return tuple(dense(name)(x).reshape(shape) for name in ("q_proj", "k_proj", "v_proj"))
 
     def rotary_tables(self, position_ids):
         """GPT-J casts the sinusoid table to the activations' dtype before rotating."""

@@ -69,6 +69,7 @@ def _ensure_registered() -> None:
     import rljax.models.gemma  # noqa: F401
     import rljax.models.gptj  # noqa: F401
     import rljax.models.codegen  # noqa: F401
+    import rljax.models.gpt_neo  # noqa: F401
     import rljax.models.gpt_neox  # noqa: F401
     import rljax.models.opt  # noqa: F401
 
