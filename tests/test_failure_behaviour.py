@@ -1,6 +1,7 @@
 """Failure behaviour: nothing lost at exit or after a kill (issue: checkpoints that survive kills)."""
 import os
 import subprocess
+import re
 import sys
 import textwrap
 
@@ -128,7 +129,7 @@ def test_make_train_rejects_a_right_padded_bank_and_a_wrongly_shaped_reward(tiny
         jax.eval_shape(per_token, state)
 
 
-def test_bf16_computes_in_bfloat16_with_float32_master_params(tiny_lm):
+def test_bf16_computes_in_bfloat16_with_float32_master_params(tiny_lm, tiny_tokenizer):
     """TrainingArguments(bf16=True) is honoured: the step's matmuls run in bfloat16, while the
     params, their gradients and the optimizer state stay float32 (HF's bf16 autocast)."""
     import jax
@@ -138,14 +139,24 @@ def test_bf16_computes_in_bfloat16_with_float32_master_params(tiny_lm):
 
     from rljax.sft import make_sft_loss
     from rljax.train_state import TrainState
-    from rljax.trainers.base import make_train_step, with_compute_dtype
+    from rljax.trainers.base import make_train_step, module_in_dtype, with_compute_dtype
 
     module, params = tiny_lm
-    loss_fn = with_compute_dtype(make_sft_loss(module), jnp.bfloat16)
+    loss_fn = with_compute_dtype(make_sft_loss(module_in_dtype(module, jnp.bfloat16)), jnp.bfloat16)
     ids = np.tile(np.arange(3, 11, dtype=np.int32), (2, 1))
     batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": ids}
+    bf16_matmul = re.compile(r"bf16\[[^\]]*\] = dot_general")
     jaxpr = str(jax.make_jaxpr(lambda p: jax.grad(lambda q: loss_fn(q, batch, None)[0])(p))(params))
-    assert "dot_general" in jaxpr and "bf16" in jaxpr
+    assert bf16_matmul.search(jaxpr)
+    # the trainers' steps (train, eval, predictions) are built from these when args.bf16 is set
+    from rljax.trainers.sft import SFTConfig, SFTTrainer
+
+    for bf16 in (True, False):
+        args = SFTConfig(output_dir="unused", bf16=bf16, report_to=[], max_seq_length=8, dataset_text_field="text")
+        trainer = SFTTrainer((module, params), args=args, tokenizer=tiny_tokenizer, compute_metrics=lambda p: {})
+        traced = [jax.make_jaxpr(lambda p: trainer._compute_loss_fn()(p, batch, None))(params),
+                  jax.make_jaxpr(lambda p: trainer._compute_predict_fn()(p, batch))(params)]
+        assert all(bool(bf16_matmul.search(str(j))) == bf16 for j in traced)
     state = TrainState.create(params, optax.adam(1e-2))
     step = make_train_step(loss_fn, donate=False)
     losses = []

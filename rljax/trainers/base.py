@@ -317,16 +317,34 @@ def find_hyperparam(opt_state: Any, name: str) -> Optional[float]:
 # --------------------------------------------------------------------------------------------
 
 
-def with_compute_dtype(loss_fn: LossFn, dtype: Any) -> LossFn:
-    """``loss_fn`` with its floating params cast to ``dtype`` (e.g. bfloat16) for the forward:
-    the compute runs in ``dtype`` while the caller's params (and so the gradients, which flow
-    back through the cast) stay in their own dtype; the loss is returned in float32."""
+def cast_floating(params: Any, dtype: Any) -> Any:
+    """``params`` with every floating leaf cast to ``dtype`` (integer leaves as they are)."""
+    return jax.tree_util.tree_map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
 
-    def cast(p):
-        return p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p
+
+def module_in_dtype(module: Any, dtype: Any) -> Any:
+    """``module`` computing in ``dtype`` (activations and matmuls; flax casts the params per
+    layer, so they stay in their own dtype): a family's ``dtype`` field, or a value-head
+    wrapper's LM's. Logits, values and scores still come out in float32."""
+    if hasattr(module, "lm"):
+        return module.clone(lm=module_in_dtype(module.lm, dtype))
+    if "dtype" not in {f.name for f in dataclasses.fields(module)}:
+        raise ValueError(
+            f"bf16=True needs a model whose compute dtype can be set; {type(module).__name__} has no `dtype` "
+            "field. Pass bf16=False, or load the model with dtype=bfloat16."
+        )
+    return module.clone(dtype=dtype)
+
+
+def with_compute_dtype(loss_fn: LossFn, dtype: Any) -> LossFn:
+    """``loss_fn`` with its floating params cast to ``dtype`` (e.g. bfloat16) for the forward
+    and the loss returned in float32; the caller's params (and so the gradients, which flow
+    back through the cast) stay in their own dtype. A flax module built with an explicit
+    ``dtype=float32`` still multiplies in float32: build the loss from
+    :func:`module_in_dtype` ``(module, dtype)`` (the trainers' ``compute_module``)."""
 
     def wrapped(params, batch, rng):
-        loss, metrics = loss_fn(jax.tree_util.tree_map(cast, params), batch, rng)
+        loss, metrics = loss_fn(cast_floating(params, dtype), batch, rng)
         return loss.astype(jnp.float32), metrics
 
     return wrapped
@@ -941,9 +959,21 @@ class Trainer:
         self._callback("on_save")
         rotate_checkpoints(self.args.output_dir, self.args.save_total_limit)
 
+    @property
+    def compute_module(self) -> Any:
+        """The module the loss and prediction functions run: ``self.module`` computing in
+        bfloat16 with ``bf16=True`` (float32 params, gradients, optimizer state and loss)."""
+        return module_in_dtype(self.module, jnp.bfloat16) if self.args.bf16 else self.module
+
     def _compute_loss_fn(self) -> LossFn:
         """``self.loss_fn`` in the compute dtype the args ask for (``bf16=True``: bfloat16)."""
         return with_compute_dtype(self.loss_fn, jnp.bfloat16) if self.args.bf16 else self.loss_fn
+
+    def _compute_predict_fn(self) -> Callable:
+        """``self.predict_fn`` in the compute dtype the args ask for (as in HF, bf16 autocast covers eval)."""
+        if not self.args.bf16:
+            return self.predict_fn
+        return lambda params, batch: self.predict_fn(cast_floating(params, jnp.bfloat16), batch)
 
     def _build_train_step(self, accum: Optional[int] = None, micro_batch: Optional[int] = None) -> Callable:
         """The jitted train step; with ``self.mesh`` the state is sharded by the model family's
@@ -1017,7 +1047,7 @@ class Trainer:
         """Batches of ``per_device_eval_batch_size`` in order; returns ``(metrics, predictions,
         labels)`` (the last two None unless ``predictions``)."""
         if predictions and self._predict_step is None:
-            self._predict_step = jax.jit(self.predict_fn)
+            self._predict_step = jax.jit(self._compute_predict_fn())
         if not predictions and self._eval_step is None:
             self._eval_step = make_eval_step(self._compute_loss_fn())
         t0 = time.time()

@@ -44,6 +44,7 @@ from rljax.trainers.base import (
     TrainingArguments,
     apply_overrides,
     model_object_of,
+    module_in_dtype,
     reject_peft,
     resolve_model,
     resolve_tokenizer,
@@ -262,13 +263,14 @@ class DPOTrainer(Trainer):
             pad_to_multiple_of=args.pad_to_multiple_of,
         )
         self.loss_fn = make_dpo_loss(
-            module, beta=args.beta, label_smoothing=args.label_smoothing, loss_type=args.loss_type,
+            self.compute_module, beta=args.beta, label_smoothing=args.label_smoothing, loss_type=args.loss_type,
             reference_free=args.reference_free, label_pad_token_id=args.label_pad_token_id,
             disable_dropout=args.disable_dropout,
         )
         self.predict_fn = self._make_predict_fn()
+        ref_compute = module_in_dtype(ref_module, jnp.bfloat16) if args.bf16 and ref_module is not None else ref_module
         self._reference_logps = make_reference_logps_fn(
-            ref_module, average_log_prob=args.loss_type == "ipo", label_pad_token_id=args.label_pad_token_id
+            ref_compute, average_log_prob=args.loss_type == "ipo", label_pad_token_id=args.label_pad_token_id
         )
         self.train_dataset = self.tokenize_dataset(train_dataset) if train_dataset is not None else None
         self.eval_dataset = self._tokenize_eval(eval_dataset) if eval_dataset is not None else None

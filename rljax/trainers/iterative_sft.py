@@ -150,7 +150,7 @@ class IterativeSFTTrainer(Trainer):
         self.truncation_mode = truncation_mode
         self.optimize_device_cache = optimize_device_cache  # accepted for TRL compatibility; no effect
         self.pad_to_multiple_of = pad_to_multiple_of
-        self.loss_fn = make_iterative_sft_loss(module)
+        self.loss_fn = make_iterative_sft_loss(self.compute_module)
         self._num_step_calls = 0
 
     # -- inputs -----------------------------------------------------------------------------

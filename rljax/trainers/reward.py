@@ -157,8 +157,8 @@ class RewardTrainer(Trainer):
         )
         self.tokenizer = tokenizer
         self.data_collator = data_collator
-        self.loss_fn = make_reward_loss(module)
-        self.predict_fn = make_reward_predict(module)
+        self.loss_fn = make_reward_loss(self.compute_module)
+        self.predict_fn = make_reward_predict(self.compute_module)
         self._score = jax.jit(lambda p, ids, mask: module.apply({"params": p}, ids, mask).logits)
 
     def compute_loss(self, model: Any, inputs: Dict[str, Any], return_outputs: bool = False):

@@ -278,7 +278,7 @@ class SFTTrainer(Trainer):
             self.train_dataset.infinite = args.max_steps > 0
             if isinstance(train_dataset, D.ConstantLengthDataset):
                 train_dataset.infinite = self.train_dataset.infinite
-        self.loss_fn = make_sft_loss(module, args.neftune_noise_alpha)
+        self.loss_fn = make_sft_loss(self.compute_module, args.neftune_noise_alpha)
 
     def _make_predict_fn(self) -> Callable:
         """``predict_fn(params, batch) -> (metrics, logits [b, W, vocab], labels [b, W])`` for
@@ -287,7 +287,7 @@ class SFTTrainer(Trainer):
         (HF pads across batches with -100 the same way)."""
         import jax.numpy as jnp
 
-        module, width = self.module, self.args.max_seq_length
+        module, width = self.compute_module, self.args.max_seq_length
 
         def predict_fn(params, batch):
             logits = module.apply({"params": params}, batch["input_ids"], batch["attention_mask"]).logits
