@@ -169,7 +169,7 @@ def test_bf16_computes_in_bfloat16_with_float32_master_params(tiny_lm, tiny_toke
 
 
 def test_a_nan_loss_stops_training_with_a_clear_message(tiny_tokenizer, tmp_path):
-    """float16 overflow (here: a learning rate that blows up) must not carry on silently."""
+    """A NaN loss (as float16 overflow gives; here: NaN weights) must not carry on silently."""
     import datasets
 
     from rljax.trainers.sft import SFTConfig, SFTTrainer

@@ -757,12 +757,12 @@ class PPOTrainer:
 
 def _check_float_params(name: str, params: Any) -> None:
     """PPO trains params by gradient: integer (e.g. quantized) leaves cannot be trained."""
-    bad = [jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
+    bad = [(jax.tree_util.keystr(p), jnp.result_type(x)) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
            if not jnp.issubdtype(jnp.result_type(x), jnp.floating)]
     if bad:
         raise ValueError(
-            f"{name}'s params must be floating point to train; {len(bad)} leaves are not (first: {bad[0]} has dtype "
-            f"integer). Load the model in float32 or bfloat16 (torch_dtype=...), not quantized."
+            f"{name}'s params must be floating point to train; {len(bad)} leaves are not (first: {bad[0][0]} has dtype "
+            f"{bad[0][1]}). Load the model in float32 or bfloat16 (torch_dtype=...), not quantized."
         )
 
 
