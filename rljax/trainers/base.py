@@ -836,6 +836,9 @@ class Trainer:
         if resume_dir is not None:
             self.train_state, extra = restore_train_state(resume_dir, self.train_state)
             start, batches.position = int(extra["step"]), int(extra["data_position"])
+            from rljax.logging import drop_jsonl_records_after
+
+            drop_jsonl_records_after(os.path.join(args.output_dir, "metrics.jsonl"), start)
             saved = os.path.join(resume_dir, "trainer_state.json")
             if os.path.exists(saved):
                 old = TrainerState.load_from_json(saved)
@@ -996,6 +999,7 @@ class Trainer:
         )
 
     def _place_batch(self, batch: Dict[str, np.ndarray]):
+        check_token_ids_fit(batch, self.module)
         if self.mesh is None:
             return batch
         from rljax.sharding import shard_batch
@@ -1114,6 +1118,26 @@ def write_model_card(output_dir: str, tags: Sequence[str], trainer_name: str) ->
     body = f"\n# {os.path.basename(os.path.abspath(output_dir))}\n\nTrained with rljax's {trainer_name}.\n"
     with open(os.path.join(output_dir, "README.md"), "w") as f:
         f.write(header + body)
+
+
+def check_token_ids_fit(batch: Dict[str, Any], module: Any) -> None:
+    """Host check of a collated batch: every ``*input_ids`` id must index the model's embedding.
+    An id >= vocab_size does not fail in JAX: the embedding gather returns NaN and the run
+    trains on NaN (e.g. a tokenizer with more tokens than the model's ``vocab_size``)."""
+    vocab = getattr(getattr(module, "config", None), "vocab_size", None)
+    if not vocab:
+        return
+    for key, ids in batch.items():
+        if not key.endswith("input_ids") or not isinstance(ids, np.ndarray) or ids.size == 0:
+            continue
+        top, low = int(ids.max()), int(ids.min())
+        if top >= vocab or low < 0:
+            bad = top if top >= vocab else low
+            raise ValueError(
+                f"batch[{key!r}] holds token id {bad}, outside the model's vocabulary [0, {vocab}): the tokenizer "
+                f"and the model do not match (len(tokenizer) must be <= config.vocab_size). Use the model's own "
+                "tokenizer, or build the model with vocab_size=len(tokenizer)."
+            )
 
 
 def rotate_checkpoints(output_dir: str, save_total_limit: Optional[int]) -> None:
