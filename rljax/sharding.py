@@ -142,12 +142,24 @@ GPT_NEO_RULES = _HEAD_RULES + [
     (r"attn/attention/out_proj/kernel$", P("model", "fsdp")),
 ] + GPT2_RULES[len(_HEAD_RULES):]
 
+# BLOOM: kernels [in, out]; query_key_value's out is [heads, 3, head_dim], so "model" splits whole heads.
+BLOOM_RULES = _HEAD_RULES + [
+    (r"word_embeddings/embedding$", (P("model", "fsdp"), P(None, ("fsdp", "model")))),  # [vocab, hidden]
+    (r"self_attention/query_key_value/kernel$", P("fsdp", "model")),  # [hidden, 3*hidden]
+    (r"self_attention/query_key_value/bias$", P("model")),
+    (r"self_attention/dense/kernel$", P("model", "fsdp")),  # [hidden, hidden]: input features = heads
+    (r"mlp/dense_h_to_4h/kernel$", P("fsdp", "model")),  # [hidden, 4*hidden]
+    (r"mlp/dense_h_to_4h/bias$", P("model")),
+    (r"mlp/dense_4h_to_h/kernel$", P("model", "fsdp")),  # [4*hidden, hidden]
+    (r".*", P()),  # layer norms, output biases
+]
+
 # Unknown models: FSDP on the largest dim of every matrix, nothing else.
 GENERIC_RULES = _HEAD_RULES + [(r".*", FSDP_LARGEST)]
 
 RULES = {"gpt2": GPT2_RULES, "llama": LLAMA_RULES, "mistral": LLAMA_RULES, "qwen2": LLAMA_RULES,
          "gpt_neox": GPT_NEOX_RULES, "opt": OPT_RULES}
-RULES.update(gemma=LLAMA_RULES, gptj=GPTJ_RULES, codegen=GPTJ_RULES, gpt_neo=GPT_NEO_RULES)
+RULES.update(gemma=LLAMA_RULES, gptj=GPTJ_RULES, codegen=GPTJ_RULES, gpt_neo=GPT_NEO_RULES, bloom=BLOOM_RULES)
 
 
 # --------------------------------------------------------------------------
@@ -230,6 +242,8 @@ def infer_family(tree: Any) -> Optional[str]:
         return "gptj"
     if re.search(r"(^|/)h_\d+/attn/attention/q_proj/", joined, re.M):
         return "gpt_neo"
+    if re.search(r"(^|/)(h_\d+/self_attention/query_key_value|word_embeddings/embedding)", joined, re.M):
+        return "bloom"
     if re.search(r"(^|/)(h_\d+/attn/c_attn|wte/embedding)", joined, re.M):
         return "gpt2"
     if re.search(r"(^|/)(layers_\d+/attention/query_key_value|embed_in/embedding)", joined, re.M):

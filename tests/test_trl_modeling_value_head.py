@@ -3,7 +3,7 @@
 Same cases and inputs. TRL loops over hub checkpoints ("trl-internal-testing/tiny-random-*");
 here each is a tiny local checkpoint written by transformers (``save_pretrained``) into a tmp
 dir, one pytest parameter per architecture. Architectures rljax does not implement yet
-(Bloom and every seq2seq model) are kept as skipped
+(every seq2seq model) are kept as skipped
 parameters. TRL's list has Llama commented out ("uncomment on the next transformers release");
 it runs here. "GPT2LMHeadModel-safetensors-sharded" stands in for TRL's sharded checkpoints.
 Changes beyond imports: ``torch.allclose`` on state-dict arrays -> ``np.allclose``; dtype
@@ -38,7 +38,7 @@ ALL_CAUSAL_LM_MODELS = [
     "GPTNeoForCausalLM",
     "GPTNeoXForCausalLM",
     "OPTForCausalLM",
-    _skip("BloomForCausalLM"),
+    "BloomForCausalLM",
     "GPT2LMHeadModel",
     "CodeGenForCausalLM-sharded",
     "GPTNeoXForCausalLM-safetensors-sharded",
@@ -76,6 +76,8 @@ _CONFIGS = {
                                                            attention_types=[[["global", "local"], 1]], window_size=4,
                                                            max_position_embeddings=64, bos_token_id=1,
                                                            eos_token_id=2),
+    "BloomForCausalLM": lambda: transformers.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4,
+                                                         bos_token_id=1, eos_token_id=2),
     "GPTJForCausalLM": lambda: transformers.GPTJConfig(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, rotary_dim=4,
                                                        n_positions=64, bos_token_id=1, eos_token_id=2),
     "GPTNeoXForCausalLM": lambda: transformers.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,

@@ -83,6 +83,7 @@ def dot_product_attention(
     dropout_rate: float = 0.0,
     dropout_rng: Optional[jax.Array] = None,
     scale: Optional[float] = None,
+    head_bias: Optional[jax.Array] = None,
 ) -> jax.Array:
     """Softmax attention with grouped KV heads (query head i reads KV head i // (heads // kv_heads),
     as HF's ``repeat_kv`` does).
@@ -93,6 +94,7 @@ def dot_product_attention(
     ``dropout_rate`` > 0, the attention probabilities are dropped and rescaled by
     1 / (1 - rate), as HF's ``attn_dropout`` does; without one, nothing is dropped.
     ``scale``: the factor on q.k (None: 1 / sqrt(head_dim); GPT-Neo uses 1.0).
+    ``head_bias``: [batch, heads, kv_len] added to every query's scores (Bloom's ALiBi), or None.
     """
     b, q_len, h, d = q.shape
     kv_heads = k.shape[2]
@@ -102,6 +104,8 @@ def dot_product_attention(
     q = q.reshape(b, q_len, kv_heads, groups, d)
     scores = jnp.einsum("bqhgd,bkhd->bhgqk", q, k).astype(jnp.float32)
     scores = scores / jnp.sqrt(d).astype(jnp.float32) if scale is None else scores * jnp.float32(scale)
+    if head_bias is not None:
+        scores = scores + head_bias.astype(jnp.float32).reshape(b, kv_heads, groups, 1, -1)
     scores = scores + bias[:, :, None].astype(jnp.float32)
     probs = jax.nn.softmax(scores, axis=-1)
     if dropout_rng is not None and dropout_rate > 0.0:
@@ -115,16 +119,18 @@ def dot_product_attention(
 def attend(
     q, k, v, attention_mask, layer_cache, cache_index, sliding_window: Optional[int] = None,
     dropout_rate: float = 0.0, dropout_rng: Optional[jax.Array] = None, scale: Optional[float] = None,
+    head_bias: Optional[jax.Array] = None,
 ):
     """Attention for one layer, with or without a cache. Returns (out, new_layer_cache).
-    ``dropout_rate``/``dropout_rng``/``scale``: see ``dot_product_attention``."""
+    ``dropout_rate``/``dropout_rng``/``scale``/``head_bias``: see ``dot_product_attention``."""
     q_len = q.shape[1]
     if layer_cache is None:
         bias = attention_bias(attention_mask, q_len, 0, jnp.float32, sliding_window)
-        return dot_product_attention(q, k, v, bias, dropout_rate, dropout_rng, scale), None
+        return dot_product_attention(q, k, v, bias, dropout_rate, dropout_rng, scale, head_bias), None
     new_cache = update_layer_cache(layer_cache, k, v, cache_index)
     bias = attention_bias(attention_mask, q_len, cache_index, jnp.float32, sliding_window)
-    return dot_product_attention(q, new_cache["k"], new_cache["v"], bias, dropout_rate, dropout_rng, scale), new_cache
+    out = dot_product_attention(q, new_cache["k"], new_cache["v"], bias, dropout_rate, dropout_rng, scale, head_bias)
+    return out, new_cache
 
 
 def cache_mask_shape(cache) -> tuple:

@@ -70,6 +70,7 @@ def _ensure_registered() -> None:
     import rljax.models.gptj  # noqa: F401
     import rljax.models.codegen  # noqa: F401
     import rljax.models.gpt_neo  # noqa: F401
+    import rljax.models.bloom  # noqa: F401
     import rljax.models.gpt_neox  # noqa: F401
     import rljax.models.opt  # noqa: F401
 

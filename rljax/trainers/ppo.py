@@ -54,8 +54,9 @@ from rljax.ppo_train import (
 
 _LAYER = re.compile(r"(?:^|/)(?:h|layers)_(\d+)(?:/|$)")
 # What TRL's create_reference_model shares besides the first layers: every parameter registered before
-# layer 0 (embeddings; OPT's projections and its decoder-level final_layer_norm).
+# layer 0 (embeddings, BLOOM's embedding LayerNorm; OPT's projections and its decoder-level final_layer_norm).
 _EMBED = re.compile(r"(?:^|/)(?:wte|wpe|embed_tokens|embed_in|embed_positions|project_in|project_out"
+                    r"|word_embeddings|word_embeddings_layernorm"
                     r"|decoder/final_layer_norm)(?:/|$)")
 
 
