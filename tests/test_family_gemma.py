@@ -106,3 +106,21 @@ def test_config_reads_legacy_fields_and_rejects_what_it_cannot_run():
     with pytest.raises(ValueError, match="num_key_value_heads"):
         GemmaConfig.from_dict({**SMALL, "num_key_value_heads": 3})
 
+
+
+def test_attention_dropout_applies_in_training_only(gemma):
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    from _family_checks import left_padded_batch
+    from rljax.models.gemma import GemmaForCausalLM
+
+    _, _, model, params = gemma
+    dropping = GemmaForCausalLM(dataclasses.replace(model.config, attention_dropout=0.5))
+    ids, mask, _ = left_padded_batch(VOCAB)
+    ids, mask = jnp.asarray(ids), jnp.asarray(mask)
+    run = lambda m, **kw: np.asarray(m.apply({"params": params}, ids, mask, **kw).logits)  # noqa: E731
+    np.testing.assert_array_equal(run(dropping), run(model))  # eval: exact
+    train = run(dropping, deterministic=False, rngs={"dropout": jax.random.PRNGKey(0)})
+    assert np.abs(train - run(model)).max() > 1e-3

@@ -12,7 +12,8 @@ load/save) with four differences, all here:
 - ``head_dim`` is its own config field (256 in released checkpoints, not hidden / heads).
 
 Attention (GQA, rotate-half RoPE) and the MLP reuse ``rljax.models.llama``'s blocks.
-Attention dropout (``attention_dropout``, 0 in every released checkpoint) is not applied.
+``attention_dropout`` (0 in every released checkpoint) drops attention probabilities in training
+(``deterministic=False``), as Llama's does; there is no other dropout.
 """
 from __future__ import annotations
 
@@ -124,11 +125,11 @@ class GemmaDecoderLayer(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, cos, sin, attention_mask, layer_cache, cache_index):
+    def __call__(self, x, cos, sin, attention_mask, layer_cache, cache_index, deterministic):
         cfg = self.config
         h, new_cache = LlamaAttention(cfg, None, self.dtype, name="self_attn")(
             GemmaRMSNorm(cfg.rms_norm_eps, self.dtype, name="input_layernorm")(x),
-            cos, sin, attention_mask, layer_cache, cache_index,
+            cos, sin, attention_mask, layer_cache, cache_index, deterministic,
         )
         x = x + h
         h = GemmaRMSNorm(cfg.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x)
@@ -143,7 +144,6 @@ class GemmaModel(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids, attention_mask, position_ids, cache, deterministic):
-        del deterministic  # no dropout (see the module docstring)
         cfg = self.config
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, name="embed_tokens")
         x = embed(input_ids)
@@ -154,7 +154,7 @@ class GemmaModel(nn.Module):
         for i in range(cfg.num_hidden_layers):
             layer_cache = None if cache is None else cache["layers"][i]
             x, lc = GemmaDecoderLayer(cfg, self.dtype, name=f"layers_{i}")(
-                x, cos, sin, attention_mask, layer_cache, index
+                x, cos, sin, attention_mask, layer_cache, index, deterministic
             )
             new_layers.append(lc)
         x = GemmaRMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")(x)
