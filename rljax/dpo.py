@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from rljax.losses import DPO_LOSS_TYPES, dpo_loss, get_batch_logps
+from rljax.sharding import constrain_batch
 
 #: The six batch keys of a DPO pair batch (chosen_* then rejected_*).
 _PAIR_KEYS = tuple(f"{side}_{k}" for side in ("chosen", "rejected") for k in ("input_ids", "attention_mask", "labels"))
@@ -40,6 +41,7 @@ def concatenated_forward(
     ids = jnp.concatenate([batch["chosen_input_ids"], batch["rejected_input_ids"]], axis=0)
     mask = jnp.concatenate([batch["chosen_attention_mask"], batch["rejected_attention_mask"]], axis=0)
     labels = jnp.concatenate([batch["chosen_labels"], batch["rejected_labels"]], axis=0)
+    ids, mask, labels = constrain_batch((ids, mask, labels))  # on a mesh: the 2B rows stay split
     # Rows are right-padded: arange positions equal cumsum(mask) - 1 on every real token, and
     # give pad positions the logits transformers gives them (TRL's logits/* metrics count pads).
     positions = jnp.broadcast_to(jnp.arange(ids.shape[1], dtype=jnp.int32), ids.shape)
@@ -103,11 +105,19 @@ def make_dpo_loss(
     return loss_fn
 
 
-def make_reference_logps_fn(module: Any, *, average_log_prob: bool = False, label_pad_token_id: int = -100) -> Callable:
+def make_reference_logps_fn(
+    module: Any, *, average_log_prob: bool = False, label_pad_token_id: int = -100, mesh: Optional[Any] = None
+) -> Callable:
     """Jitted ``(ref_params, batch) -> (reference_chosen_logps [B], reference_rejected_logps [B])``
-    (deterministic forward; the params are an argument, never a closure constant)."""
+    (deterministic forward; the params are an argument, never a closure constant).
 
-    @jax.jit
+    ``mesh``: jit on it with ``ref_params`` sharded by the model family's partition rules
+    (like the policy; pass params already placed with ``rljax.sharding.shard_params`` to
+    avoid a transfer per call) and the batch rows split over ("data", "fsdp"); a batch whose
+    rows the batch axes do not divide is replicated instead. The jitted function is built
+    once per params structure and batch shape.
+    """
+
     def reference_logps(ref_params, batch):
         rc, rr, _ = concatenated_forward(
             module, ref_params, {k: batch[k] for k in _PAIR_KEYS},
@@ -115,7 +125,33 @@ def make_reference_logps_fn(module: Any, *, average_log_prob: bool = False, labe
         )
         return jax.lax.stop_gradient(rc), jax.lax.stop_gradient(rr)
 
-    return reference_logps
+    if mesh is None:
+        return jax.jit(reference_logps)
+    from rljax.sharding import batch_sharding, batch_size_divisor, jit_sharded, param_shardings, replicated
+
+    compiled: Dict[Any, Callable] = {}
+
+    def jitted(ref_params, batch) -> Callable:
+        rows = int(jnp.shape(batch["chosen_input_ids"])[0])
+        leaves, treedef = jax.tree_util.tree_flatten(ref_params)
+        key = (treedef, tuple(jnp.shape(x) for x in leaves), rows % batch_size_divisor(mesh) == 0)
+        if key not in compiled:
+            rows_sh = batch_sharding(mesh) if key[-1] else replicated(mesh)
+            compiled[key] = jit_sharded(
+                reference_logps, mesh, in_shardings=(param_shardings(ref_params, mesh), rows_sh), out_shardings=rows_sh
+            )
+        return compiled[key]
+
+    def on_mesh(ref_params, batch):
+        batch = {k: batch[k] for k in _PAIR_KEYS}
+        return jitted(ref_params, batch)(ref_params, batch)
+
+    def lower(ref_params, batch):
+        batch = {k: batch[k] for k in _PAIR_KEYS}
+        return jitted(ref_params, batch).lower(ref_params, batch)
+
+    on_mesh.lower = lower  # .lower(ref_params, batch).compile(): the program one call runs
+    return on_mesh
 
 
 _SHELL = ('DPOConfig', 'DPOTrainer')

@@ -36,6 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rljax.sharding import constrain_batch
+
 Array = jax.Array
 TokenIds = Union[None, int, Sequence[int]]
 
@@ -285,6 +287,14 @@ def _init_cache(model, batch: int, length: int, dtype):
     return model.init_cache(batch, length, dtype=dtype)
 
 
+def _constrain_rows(tree: Any, batch: int) -> Any:
+    """``constrain_batch`` on the leaves whose leading dim is the ``batch`` rows (a cache's
+    scalar index or a layer-stacked leaf is left alone); a no-op off a mesh."""
+    return jax.tree_util.tree_map(
+        lambda x: constrain_batch(x) if x is not None and jnp.ndim(x) and x.shape[0] == batch else x, tree
+    )
+
+
 def _output_values(out, required: bool) -> Optional[Array]:
     values = getattr(out, "values", None)
     if callable(values):  # a Mapping's .values method, not a value head
@@ -350,8 +360,11 @@ def _generate(model, settings: GenerationSettings, params, input_ids, attention_
             finished = finished | jnp.isin(token, eos_ids)
         return token, (tokens, response_mask, logprobs, values, finished)
 
+    # On a mesh (``rljax.sharding.jit_sharded``) the batch axis of the prompt, the KV cache and
+    # the outputs stays split over (data, fsdp): each device decodes its own rows.
+    input_ids, attention_mask = constrain_batch((input_ids, attention_mask))
     # Prefill: the whole prompt in one call, into a cache sized for the full output.
-    cache = _init_cache(model, batch, prompt_len + n_new, s.cache_dtype)
+    cache = _constrain_rows(_init_cache(model, batch, prompt_len + n_new, s.cache_dtype), batch)
     slot_mask = jnp.concatenate([attention_mask, jnp.zeros((batch, n_new), jnp.int32)], axis=1)
     prompt_positions = jnp.clip(jnp.cumsum(attention_mask, axis=1) - 1, 0)
     next_position = attention_mask.sum(axis=1)  # [B]: position of the first new token
@@ -365,6 +378,7 @@ def _generate(model, settings: GenerationSettings, params, input_ids, attention_
         jnp.zeros((batch,), bool),
     )
     token, record = choose(0, logits, value, record)
+    token, record = constrain_batch((token, record))
 
     # Decode: step t feeds token t-1 (slot prompt_len + t - 1) and picks token t.
     def cond(carry):
@@ -381,6 +395,7 @@ def _generate(model, settings: GenerationSettings, params, input_ids, attention_
         positions = (next_position + t - 1)[:, None]
         logits, value, cache = forward(token[:, None], slot_mask, positions, cache)
         token, record = choose(t, logits, value, record)
+        token, slot_mask, cache, record = _constrain_rows((token, slot_mask, cache, record), batch)
         return t + 1, token, slot_mask, cache, record
 
     carry = (jnp.array(1, jnp.int32), token, slot_mask, cache, record)

@@ -53,6 +53,7 @@ from rljax.ppo import (
     process_scores,
     step_stats,
 )
+from rljax.sharding import constrain_batch
 
 Array = jax.Array
 # Padding value of TRL's stack_dicts for stats of minibatches that did not run.
@@ -231,6 +232,7 @@ def make_forward_rollout(module: Any, kl_penalty_mode: str = "kl", ref_module: O
         chex.assert_equal_shape([queries, query_mask])
         chex.assert_equal_shape([responses, response_mask])
         input_ids, attention_mask, position_ids, masks = sequence_inputs(queries, query_mask, responses, response_mask)
+        input_ids, attention_mask, position_ids = constrain_batch((input_ids, attention_mask, position_ids))
         out = module.apply({"params": params}, input_ids, attention_mask, position_ids, deterministic=True)
         ref_out = ref_module.apply({"params": ref_params}, input_ids, attention_mask, position_ids, deterministic=True)
         labels = input_ids[:, 1:]
@@ -308,7 +310,7 @@ def advantages_in_trl_layout(
 # ==========================================================================
 
 
-def make_ppo_step(module: Any, config: PPOConfig, *, num_processes: int = 1) -> Callable:
+def make_ppo_step(module: Any, config: PPOConfig, *, num_processes: int = 1, mesh: Optional[Any] = None) -> Callable:
     """Build ``ppo_step(state, rollout, scores [B]) -> (state, stats)`` (pure; jit it).
 
     TRL 0.7.11's optimisation phase: ``ppo_epochs`` epochs, each a fresh permutation cut
@@ -321,6 +323,11 @@ def make_ppo_step(module: Any, config: PPOConfig, *, num_processes: int = 1) -> 
     Deliberate fixes: a backward batch whose minibatches were all skipped by
     ``ratio_threshold`` leaves params and optimizer untouched (TRL still calls optimizer.step(), and Adam's moments move the params); non-finite
     scores leave the whole state untouched (``ppo/skipped_nonfinite_scores`` = 1).
+
+    Data parallel: every minibatch keeps its rows split over the mesh's ("data", "fsdp")
+    axes (``rljax.sharding.constrain_batch``), so on a ``data=4`` mesh each device does a
+    quarter of the work. ``mesh``: the mesh the step runs on; default the ambient mesh that
+    ``rljax.sharding.jit_sharded`` sets (none: no constraints, as on one device).
     """
     B, mb, GA = config.batch_size, config.mini_batch_size, config.gradient_accumulation_steps
     bb = mb * GA
@@ -351,17 +358,17 @@ def make_ppo_step(module: Any, config: PPOConfig, *, num_processes: int = 1) -> 
         def backward_batch(carry, inputs):
             """GA minibatches -> averaged grads -> one update (unless all skipped)."""
             params, opt_state = carry
-            idx = inputs  # [GA, mb]
+            batches = inputs  # leaves [GA, mb, ...]
 
-            def minibatch(grads_acc, mb_idx):
-                batch = jax.tree_util.tree_map(lambda x: x[mb_idx], data)
+            def minibatch(grads_acc, batch):
+                batch = constrain_batch(batch, mesh)  # [mb, ...]: rows stay split over (data, fsdp)
                 (_, stats), grads = grad_fn(params, batch)
                 keep = 1.0 - stats["skipped"]
                 grads = jax.tree_util.tree_map(lambda g: jnp.where(keep > 0, g, 0.0), grads)
                 return jax.tree_util.tree_map(jnp.add, grads_acc, grads), stats
 
             zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
-            grads, stats = jax.lax.scan(minibatch, zeros, idx)
+            grads, stats = jax.lax.scan(minibatch, zeros, batches)
             grads = jax.tree_util.tree_map(lambda g: g / GA, grads)
             updates, new_opt_state = tx.update(grads, opt_state, params)
             new_params = optax.apply_updates(params, updates)
@@ -374,10 +381,15 @@ def make_ppo_step(module: Any, config: PPOConfig, *, num_processes: int = 1) -> 
         def epoch(carry, key):
             params, opt_state, stopped = carry
             perm_key, _ = jax.random.split(key)
-            idx = jax.random.permutation(perm_key, B).reshape(n_bb, GA, mb)
+            perm = jax.random.permutation(perm_key, B)
 
             def run(_):
-                (p, o), stats = jax.lax.scan(backward_batch, (params, opt_state), idx)
+                # Permute once per epoch and cut into [n_bb, GA, mb, ...] (TRL's minibatches, in
+                # TRL's order); the mb axis is constrained to the batch axes, so each device
+                # keeps 1/(data*fsdp) of every minibatch instead of the gather replicating it.
+                shuffled = jax.tree_util.tree_map(lambda x: x[perm].reshape(n_bb, GA, mb, *x.shape[1:]), data)
+                shuffled = constrain_batch(shuffled, mesh, batch_axis=2)
+                (p, o), stats = jax.lax.scan(backward_batch, (params, opt_state), shuffled)
                 return p, o, stats
 
             def skip(_):

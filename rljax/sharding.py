@@ -409,6 +409,52 @@ def batch_size_divisor(mesh: Mesh) -> int:
     return _axis_size(mesh, BATCH_AXES)
 
 
+def ambient_mesh() -> Optional[Any]:
+    """The mesh set by ``jit_sharded`` / ``jax.set_mesh`` around the current trace (an
+    ``AbstractMesh`` while tracing), or None when there is none."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh is None or mesh.empty else mesh
+
+
+def _batch_axes_for(mesh: Any, rows: int) -> Optional[Union[str, Tuple[str, ...]]]:
+    """The widest of ("data", "fsdp"), "data", "fsdp" present in ``mesh`` with size > 1 that
+    divides ``rows`` (None: the rows cannot be split)."""
+    names = [a for a in BATCH_AXES if a in mesh.shape and int(mesh.shape[a]) > 1]
+    for cand in ([tuple(names)] if len(names) > 1 else []) + [(a,) for a in names]:
+        if rows % math.prod(int(mesh.shape[a]) for a in cand) == 0:
+            return cand if len(cand) > 1 else cand[0]
+    return None
+
+
+def constrain_batch(tree: Any, mesh: Optional[Any] = None, batch_axis: int = 0) -> Any:
+    """Keep the batch axis of every array in ``tree`` split over ("data", "fsdp").
+
+    A ``with_sharding_constraint`` per leaf: dim ``batch_axis`` on the batch axes (or on
+    "data" / "fsdp" alone when only one divides it), every other dim left to the compiler
+    (``PartitionSpec.UNCONSTRAINED``, so e.g. attention heads may stay on "model"). Used
+    inside the pure steps where an op would otherwise drop the batch sharding (a gather of
+    permuted rows, a microbatch reshape, a concatenation): without it XLA may replicate the
+    rows and every device does the whole batch's work. ``mesh`` defaults to the ambient mesh
+    (``jit_sharded``); with neither, and for leaves with fewer than ``batch_axis + 1`` dims or
+    rows no batch axis divides, the leaf is returned unchanged. Jittable; any pytree.
+    """
+    mesh = ambient_mesh() if mesh is None else mesh
+    if mesh is None:
+        return tree
+
+    def put(x):
+        if x is None or not hasattr(x, "shape") or len(x.shape) <= batch_axis:
+            return x
+        axes = _batch_axes_for(mesh, int(x.shape[batch_axis]))
+        if axes is None:
+            return x
+        spec = P(*([P.UNCONSTRAINED] * batch_axis), axes, *([P.UNCONSTRAINED] * (len(x.shape) - batch_axis - 1)))
+        target = NamedSharding(mesh, spec) if isinstance(mesh, Mesh) else spec
+        return jax.lax.with_sharding_constraint(x, target)
+
+    return jax.tree_util.tree_map(put, tree)
+
+
 def _check_batch_dim(x: Any, mesh: Mesh, path: str) -> None:
     n = batch_size_divisor(mesh)
     if x.shape[0] % n:
@@ -482,7 +528,12 @@ def jit_sharded(
         with jax.set_mesh(mesh):
             return jitted(*args, **kwargs)
 
-    call.jitted = jitted  # for .lower(...) / cost analysis
+    def lower(*args, **kwargs):
+        with jax.set_mesh(mesh):  # the ambient mesh that constrain_batch reads while tracing
+            return jitted.lower(*args, **kwargs)
+
+    call.jitted = jitted
+    call.lower = lower  # call.lower(*args).compile().cost_analysis(): per-device work
     call.__doc__ = getattr(fn, "__doc__", None)
     call.__wrapped__ = fn
     return call

@@ -11,6 +11,12 @@ Prints a markdown table:
    the host's cores, so expect no speedup; this measures sharding overhead).
 3. Checkpoint save (async call + until committed) / restore time and size on disk
    for a GPT-2-width model with few layers.
+4. Per-device work on a data=4 mesh: FLOPs one device runs (XLA's ``cost_analysis`` of the
+   compiled program, loop bodies counted once) for the PPO step, the rollout forward, SFT
+   and DPO steps with gradient accumulation, the DPO reference forward and generation, as a
+   fraction of the single-device program; with rljax's batch constraints
+   (``rljax.sharding.constrain_batch``) and with them switched off (the layout before they
+   existed). Only compiles. ``--only_work`` prints this table alone.
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import argparse  # noqa: E402
+import functools  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -145,12 +152,102 @@ def checkpoint_rows(layers: int):
     return rows
 
 
+def _flops(compiled) -> float:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost["flops"])
+
+
+def work_rows():
+    """(program, FLOPs on 1 device, ratio data=4, ratio data=4 without constraints, ratio (2,2,2))."""
+    import contextlib
+    import sys
+    from unittest import mock
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "tests"))
+    import _mesh_fixtures as F  # tiny models and batches of the test suite
+
+    from rljax import dpo, generation
+    from rljax import ppo_train as PT
+    from rljax.trainers import base
+
+    def compile_on(fn, args, shardings, shape):
+        if shape is None:
+            return jax.jit(fn).lower(*args).compile()
+        mesh = S.make_mesh(*shape, devices=jax.devices()[: int(np.prod(shape))])
+        return S.jit_sharded(fn, mesh, in_shardings=shardings(mesh)).lower(*args).compile()
+
+    @contextlib.contextmanager
+    def constraints_off():
+        off = lambda tree, *a, **k: tree  # noqa: E731
+        with contextlib.ExitStack() as stack:
+            for mod in (S, PT, dpo, generation):
+                stack.enter_context(mock.patch.object(mod, "constrain_batch", off))
+            yield
+
+    config = F.ppo_config(batch_size=32, mini_batch_size=8, gradient_accumulation_steps=2, ppo_epochs=2)
+    vmodule, vparams = F.tiny_value_model()
+    q, qm, r, rm = F.ppo_inputs(32, query_len=12, response_len=12)
+    state = PT.PPOTrainState.create(vparams, vparams, config)
+    fwd = PT.make_forward_rollout(vmodule)
+    rollout = jax.eval_shape(fwd, vparams, vparams, q, qm, r, rm)
+    scores = jax.ShapeDtypeStruct((32,), np.float32)
+    rows_sh = S.batch_sharding
+    module, params = F.tiny_gpt2(n_layer=1)
+    sft_state = F.sft_state(module, params)
+    sft = F.sft_batch(32, seq_len=24)
+    rng = np.random.default_rng(3)
+    pairs = {}
+    for side in ("chosen", "rejected"):
+        ids = rng.integers(3, F.VOCAB, size=(32, 24)).astype(np.int32)
+        pairs.update({f"{side}_input_ids": ids, f"{side}_attention_mask": np.ones_like(ids), f"{side}_labels": ids})
+    pairs["reference_chosen_logps"] = pairs["reference_rejected_logps"] = np.zeros((32,), np.float32)
+    gq, gqm, _, _ = F.ppo_inputs(32, query_len=8)
+    programs = [
+        ("PPO step (B=32, mb=8, GA=2, 2 epochs, 12+12 tokens)", lambda: PT.make_ppo_step(vmodule, config),
+         (state, rollout, scores), lambda m: (S.state_shardings(state, m), rows_sh(m), rows_sh(m))),
+        ("rollout forward (policy + reference)", lambda: fwd, (vparams, vparams, q, qm, r, rm),
+         lambda m: (S.param_shardings(vparams, m),) * 2 + (rows_sh(m),) * 4),
+        ("SFT step (32 x 24, GA=2)", lambda: base.make_train_step(make_sft_loss(module), 2, donate=False),
+         (sft_state, sft), lambda m: (S.state_shardings(sft_state, m), rows_sh(m))),
+        ("DPO step (32 pairs x 24, GA=2)", lambda: base.make_train_step(dpo.make_dpo_loss(module), 2, donate=False),
+         (sft_state, pairs), lambda m: (S.state_shardings(sft_state, m), rows_sh(m))),
+        ("DPO reference forward", lambda: dpo.make_reference_logps_fn(module), (params, pairs),
+         lambda m: (S.param_shardings(params, m), rows_sh(m))),
+        ("greedy generation (32 x 8 + 8 new)", lambda: functools.partial(generation.make_generate_fn(
+            module, max_new_tokens=8, do_sample=False, eos_token_id=2, pad_token_id=0, jit=False)),  # a fresh trace
+         (params, gq, gqm, jax.random.PRNGKey(0)), lambda m: (S.param_shardings(params, m), rows_sh(m), rows_sh(m),
+                                                              S.replicated(m))),
+    ]
+    rows = []
+    for name, build, args, shardings in programs:
+        one = _flops(compile_on(build(), args, shardings, None))
+        d4 = _flops(compile_on(build(), args, shardings, (4, 1, 1))) / one
+        with constraints_off():
+            d4_off = _flops(compile_on(build(), args, shardings, (4, 1, 1))) / one
+        m222 = _flops(compile_on(build(), args, shardings, (2, 2, 2))) / one
+        rows.append((name, one, d4, d4_off, m222))
+    return rows
+
+
+def print_work_rows():
+    print("### Per-device work on a data=4 mesh (XLA cost_analysis FLOPs / the 1-device program's)\n")
+    print("| program (tiny 1-layer GPT-2) | FLOPs, 1 device | data=4 | data=4, constraints off | (2,2,2) |")
+    print("|---|---:|---:|---:|---:|")
+    for name, one, d4, d4_off, m222 in work_rows():
+        print(f"| {name} | {one / 1e6:.2f}M | {d4:.3f} | {d4_off:.3f} | {m222:.3f} |")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--ckpt_layers", type=int, default=2)
+    ap.add_argument("--only_work", action="store_true", help="print only the per-device work table")
     args = ap.parse_args()
     print(f"jax {jax.__version__}, {jax.device_count()} {jax.devices()[0].platform} devices, {os.cpu_count()} host cores\n")
+    if args.only_work:
+        print_work_rows()
+        return
 
     n_params, rows = memory_rows()
     print(f"### Per-device memory, GPT-2 small ({n_params / 1e6:.1f}M params), fp32 params + AdamW state\n")
@@ -172,6 +269,8 @@ def main():
     print("|---|---:|---:|---:|---:|---:|---:|")
     for shape, n, first_s, call_s, total_s, restore_s, size in checkpoint_rows(args.ckpt_layers):
         print(f"| {shape} | {n / 1e6:.1f}M | {first_s:.2f} | {call_s:.2f} | {total_s:.2f} | {restore_s:.2f} | {size / MiB:.1f} |")
+    print()
+    print_work_rows()
 
 
 if __name__ == "__main__":

@@ -361,6 +361,8 @@ def make_train_step(loss_fn: LossFn, gradient_accumulation_steps: int = 1, donat
     ``gradient_checkpointing``: wrap ``loss_fn`` in ``jax.checkpoint``, so the backward pass
     recomputes the forward instead of keeping its activations from the forward pass.
     """
+    from rljax.sharding import constrain_batch
+
     accum = int(gradient_accumulation_steps)
     if gradient_checkpointing:
         loss_fn = jax.checkpoint(loss_fn)
@@ -368,6 +370,7 @@ def make_train_step(loss_fn: LossFn, gradient_accumulation_steps: int = 1, donat
     def train_step(state: TrainState, batch: Dict[str, jax.Array]):
         state, rng = state.split_rng()
         micro = jax.tree_util.tree_map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
+        micro = constrain_batch(micro, batch_axis=1)  # on a mesh: each micro-batch's rows stay split
         keys = jax.random.split(rng, accum)
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 

@@ -251,6 +251,10 @@ class DPOTrainer(Trainer):
         self.ref_model = ref_model if ref_model is not None else None
         self.ref_module = ref_module
         self.ref_params = ref_params
+        if mesh is not None:  # the reference is sharded by its family's rules, like the policy (a copy: the step donates)
+            from rljax.sharding import shard_params
+
+            self.ref_params = shard_params(ref_params, mesh, copy=True)
         self.beta, self.label_smoothing, self.loss_type = args.beta, args.label_smoothing, args.loss_type
         self.label_pad_token_id, self.padding_value = args.label_pad_token_id, args.padding_value
         self.max_length, self.max_prompt_length = args.max_length, args.max_prompt_length
@@ -270,7 +274,7 @@ class DPOTrainer(Trainer):
         self.predict_fn = self._make_predict_fn()
         ref_compute = module_in_dtype(ref_module, jnp.bfloat16) if args.bf16 and ref_module is not None else ref_module
         self._reference_logps = make_reference_logps_fn(
-            ref_compute, average_log_prob=args.loss_type == "ipo", label_pad_token_id=args.label_pad_token_id
+            ref_compute, average_log_prob=args.loss_type == "ipo", label_pad_token_id=args.label_pad_token_id, mesh=mesh
         )
         self.train_dataset = self.tokenize_dataset(train_dataset) if train_dataset is not None else None
         self.eval_dataset = self._tokenize_eval(eval_dataset) if eval_dataset is not None else None
