@@ -17,7 +17,14 @@ import jax
 import jax.numpy as jnp
 
 from rljax.losses import DPO_LOSS_TYPES, dpo_loss, get_batch_logps
-from rljax.sharding import constrain_batch
+from rljax.sharding import (
+    batch_sharding,
+    batch_size_divisor,
+    constrain_batch,
+    jit_sharded,
+    param_shardings,
+    replicated,
+)
 
 #: The six batch keys of a DPO pair batch (chosen_* then rejected_*).
 _PAIR_KEYS = tuple(f"{side}_{k}" for side in ("chosen", "rejected") for k in ("input_ids", "attention_mask", "labels"))
@@ -127,8 +134,6 @@ def make_reference_logps_fn(
 
     if mesh is None:
         return jax.jit(reference_logps)
-    from rljax.sharding import batch_sharding, batch_size_divisor, jit_sharded, param_shardings, replicated
-
     compiled: Dict[Any, Callable] = {}
 
     def jitted(ref_params, batch) -> Callable:
