@@ -18,7 +18,7 @@ TRL's ``AutoModelForCausalLMWithValueHead.from_pretrained`` loads):
 
 The rljax side uses the TRL-compatible shell (``rljax.PPOTrainer``), so both run the
 same user-level code. TRL runs in its own venv (``experiments/benchmarks/trl_env.sh``,
-default /work/trl-venv) as a subprocess of this script, with ``torch.set_num_threads``
+default: .trl-venv in the repository root) as a subprocess of this script, with ``torch.set_num_threads``
 = ``--threads``; each side's process is pinned to ``--threads`` CPUs. On a shared,
 busy machine PyTorch's thread pool suffers most from oversubscription (see
 bench_models.py), so also run ``--threads 1`` there. Reported: seconds per iteration after warm-up (median), the ratio
@@ -27,7 +27,7 @@ first iteration minus the steady median (traces + XLA compiles of generation, th
 forward pass and the PPO step).
 
   python experiments/benchmarks/bench_ppo.py [--models tiny,small] [--iters 3]
-      [--small-iters 1] [--threads 2] [--trl-python /work/trl-venv/bin/python] [--out FILE]
+      [--small-iters 1] [--threads 2] [--trl-python .trl-venv/bin/python] [--out FILE]
 """
 from __future__ import annotations
 
@@ -41,6 +41,10 @@ import subprocess
 import sys
 import tempfile
 import time
+
+# The TRL 0.7.11 venv that trl_env.sh creates by default, in the repository root.
+TRL_PYTHON = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                          ".trl-venv", "bin", "python")
 
 BATCH, MINI_BATCH, EPOCHS, NEW_TOKENS = 16, 4, 4, 64
 MODELS = {
@@ -56,7 +60,7 @@ def parse_args(argv=None):
     p.add_argument("--iters", type=int, default=3, help="timed iterations per side for the tiny model (after 1 warm-up)")
     p.add_argument("--small-iters", type=int, default=1, help="timed iterations per side for the GPT-2-small shape")
     p.add_argument("--threads", type=int, default=2, help="CPU threads for both frameworks")
-    p.add_argument("--trl-python", default="/work/trl-venv/bin/python", help="python of the TRL 0.7.11 venv")
+    p.add_argument("--trl-python", default=TRL_PYTHON, help="python of the TRL 0.7.11 venv")
     p.add_argument("--out", default=None, help="also write the markdown table to this file")
     # internal: run one side in this process and print a JSON line
     p.add_argument("--worker", choices=["rljax", "trl"], default=None, help=argparse.SUPPRESS)

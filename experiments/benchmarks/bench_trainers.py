@@ -2,7 +2,7 @@
 
 One command runs both sides on the same checkpoint and the same batch: rljax in
 this process, TRL in its own venv (``experiments/benchmarks/trl_env.sh``, default
-/work/trl-venv) as a subprocess, one after the other, with the same number of
+.trl-venv in the repository root) as a subprocess, one after the other, with the same number of
 CPU threads (process CPU affinity for both; ``torch.set_num_threads`` for TRL).
 
 Cases (float32, batch 8, every row 128 real tokens, so both sides see the same
@@ -47,7 +47,7 @@ shared machine both sides slow down, and not equally.
 
   python experiments/benchmarks/bench_trainers.py [--quick] [--models tiny,small]
       [--cases sft,dpo] [--steps 5] [--small-steps 3] [--threads 2]
-      [--trl-python /work/trl-venv/bin/python] [--out FILE]
+      [--trl-python .trl-venv/bin/python] [--out FILE]
 """
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=5, help="timed updates per side and case, tiny model (after 1 warm-up)")
     p.add_argument("--small-steps", type=int, default=3, help="timed updates per side and case, GPT-2-small shape")
     p.add_argument("--threads", type=int, default=2, help="CPU threads for both frameworks (default 2)")
-    p.add_argument("--trl-python", default="/work/trl-venv/bin/python", help="python of the TRL 0.7.11 venv")
+    p.add_argument("--trl-python", default=os.path.join(ROOT, ".trl-venv", "bin", "python"), help="python of the TRL 0.7.11 venv")
     p.add_argument("--out", default=None, help="also write the markdown table to this file")
     # internal: the TRL side, run by this script in the TRL venv
     p.add_argument("--trl-worker", action="store_true", help=argparse.SUPPRESS)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create the separate venv that runs TRL 0.7.11 itself (for bench_ppo.py).
 #
-#   bash experiments/benchmarks/trl_env.sh [VENV_DIR]   (default /work/trl-venv)
+#   bash experiments/benchmarks/trl_env.sh [VENV_DIR]   (default: .trl-venv in the repository root)
 #
 # TRL 0.7.11 imports `top_k_top_p_filtering` from transformers, which 4.39 removed,
 # so transformers is pinned to 4.38.2. torch 2.13.0 exactly: it installs from a
@@ -10,7 +10,7 @@
 # accelerate 1.15.0, numpy 2.4.6, datasets 5.0.1, tokenizers 0.15.2,
 # huggingface_hub 0.36.2, safetensors 0.8.0, tyro 1.0.17; accelerate is pinned.
 set -euo pipefail
-VENV="${1:-/work/trl-venv}"
+VENV="${1:-$(cd "$(dirname "$0")/../.." && pwd)/.trl-venv}"
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
