@@ -242,21 +242,24 @@ def _check_shapes(model, input_ids, attention_mask, max_new_tokens: int) -> None
         )
 
 
-def _check_token_range(model, input_ids) -> None:
-    """Host check of concrete ids: every id (pad positions too: they are embedded) must be in
-    ``[0, vocab_size)``; an id outside gives NaN embeddings (JAX fills out-of-range lookups)."""
+def check_token_range(model, ids, name: str = "input_ids",
+                      fix: str = "pad prompts with the pad token id and tokenize with the model's own tokenizer.") -> None:
+    """Host check of concrete token ids (any shape): every id (pad positions too: they are
+    embedded) must be in ``[0, vocab_size)``; an id outside gives NaN embeddings (JAX fills
+    out-of-range lookups) instead of an error. ``name`` and ``fix`` word the ValueError for
+    the caller (generation, the trainers' batches, PPOTrainer.step)."""
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if vocab is None:
         return
-    ids = np.asarray(input_ids)
+    ids = np.asarray(ids)
     bad = (ids < 0) | (ids >= vocab)
     if bad.any():
-        rows, cols = np.nonzero(bad)
+        first = [int(i) for i in np.argwhere(bad)[0]]
+        where = f"row {first[0]}, position {first[1]}" if len(first) == 2 else f"position {first[-1]}"
         values = sorted({int(v) for v in ids[bad]})[:5]
-        hint = " (-100 is a label ignore index, not a token: pad prompts with the pad token id)" if -100 in values else ""
+        hint = " (-100 is a label ignore index, not a token)" if -100 in values else ""
         raise ValueError(
-            f"input_ids holds ids {values} outside the model's vocabulary [0, {vocab}) (first at row {int(rows[0])}, "
-            f"position {int(cols[0])}){hint}; tokenize with the model's own tokenizer."
+            f"{name} holds ids {values} outside the model's vocabulary [0, {vocab}) (first at {where}){hint}; {fix}"
         )
 
 
@@ -532,7 +535,7 @@ def generate(
     if not isinstance(attention_mask, jax.core.Tracer):
         _check_left_padded(attention_mask)
     if not isinstance(input_ids, jax.core.Tracer):
-        _check_token_range(model, input_ids)
+        check_token_range(model, input_ids)
     return fn(params, input_ids, attention_mask, rng)
 
 

@@ -1124,22 +1124,16 @@ def write_model_card(output_dir: str, tags: Sequence[str], trainer_name: str) ->
 
 
 def check_token_ids_fit(batch: Dict[str, Any], module: Any) -> None:
-    """Host check of a collated batch: every ``*input_ids`` id must index the model's embedding.
-    An id >= vocab_size does not fail in JAX: the embedding gather returns NaN and the run
-    trains on NaN (e.g. a tokenizer with more tokens than the model's ``vocab_size``)."""
-    vocab = getattr(getattr(module, "config", None), "vocab_size", None)
-    if not vocab:
-        return
+    """Host check of a collated batch: every ``*input_ids`` id must index the model's embedding
+    (an id >= vocab_size gathers NaN in JAX, e.g. a tokenizer larger than the model)."""
+    from rljax.generation import check_token_range
+
     for key, ids in batch.items():
-        if not key.endswith("input_ids") or not isinstance(ids, np.ndarray) or ids.size == 0:
-            continue
-        top, low = int(ids.max()), int(ids.min())
-        if top >= vocab or low < 0:
-            bad = top if top >= vocab else low
-            raise ValueError(
-                f"batch[{key!r}] holds token id {bad}, outside the model's vocabulary [0, {vocab}): the tokenizer "
-                f"and the model do not match (len(tokenizer) must be <= config.vocab_size). Use the model's own "
-                "tokenizer, or build the model with vocab_size=len(tokenizer)."
+        if key.endswith("input_ids") and isinstance(ids, np.ndarray):
+            check_token_range(
+                module, ids, f"batch[{key!r}]",
+                "the tokenizer and the model do not match (len(tokenizer) must be <= config.vocab_size). Use the "
+                "model's own tokenizer, or build the model with vocab_size=len(tokenizer).",
             )
 
 

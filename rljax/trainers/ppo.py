@@ -31,6 +31,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from rljax.core import check_whiten_mask, convert_to_scalar, logprobs_from_logits, stats_to_np
 from rljax.data import bucket_length, pad_sequences
+from rljax.generation import check_token_range
 from rljax.losses import ppo_loss
 from rljax.ppo import (
     AdaptiveKLController,
@@ -581,7 +582,6 @@ class PPOTrainer:
         ``[0, vocab_size)`` (``-100`` is the labels' ignore index, not a token) and query +
         response within the model's positions (past them the position embedding is garbage/NaN)."""
         cfg = getattr(self.module, "config", None)
-        vocab = getattr(cfg, "vocab_size", None)
         positions = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
         for name, xs in (("queries", queries), ("responses", responses)):
             for i, x in enumerate(xs):
@@ -590,14 +590,8 @@ class PPOTrainer:
                         f"query/response token ids must be integers: {name}[{i}] has dtype {x.dtype}. Pass the "
                         "tokenizer's ids (e.g. np.asarray(ids, np.int32)); floats would be truncated to other tokens."
                     )
-                bad = (x < 0) | ((x >= vocab) if vocab else False)
-                if np.any(bad):
-                    value = int(x[np.argmax(bad)])
-                    hint = (" -100 is the labels' ignore index, not a token: strip it (or pass response_masks) "
-                            "before step()." if value == -100 else "")
-                    raise ValueError(
-                        f"{name}[{i}] holds token id {value}, outside the model's vocabulary [0, {vocab}).{hint}"
-                    )
+                check_token_range(self.module, x, f"{name}[{i}]",
+                                  "strip -100 (or pass response_masks) and use the policy's own tokenizer.")
         if positions:
             for i, (q, r) in enumerate(zip(queries, responses)):
                 if len(q) + len(r) > positions:
