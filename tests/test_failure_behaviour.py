@@ -139,10 +139,10 @@ def test_bf16_computes_in_bfloat16_with_float32_master_params(tiny_lm, tiny_toke
 
     from rljax.sft import make_sft_loss
     from rljax.train_state import TrainState
-    from rljax.trainers.base import make_train_step, module_in_dtype, with_compute_dtype
+    from rljax.trainers.base import make_train_step, module_in_dtype
 
     module, params = tiny_lm
-    loss_fn = with_compute_dtype(make_sft_loss(module_in_dtype(module, jnp.bfloat16)), jnp.bfloat16)
+    loss_fn = make_sft_loss(module_in_dtype(module, jnp.bfloat16))
     ids = np.tile(np.arange(3, 11, dtype=np.int32), (2, 1))
     batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": ids}
     bf16_matmul = re.compile(r"bf16\[[^\]]*\] = dot_general")
@@ -154,8 +154,8 @@ def test_bf16_computes_in_bfloat16_with_float32_master_params(tiny_lm, tiny_toke
     for bf16 in (True, False):
         args = SFTConfig(output_dir="unused", bf16=bf16, report_to=[], max_seq_length=8, dataset_text_field="text")
         trainer = SFTTrainer((module, params), args=args, tokenizer=tiny_tokenizer, compute_metrics=lambda p: {})
-        traced = [jax.make_jaxpr(lambda p: trainer._compute_loss_fn()(p, batch, None))(params),
-                  jax.make_jaxpr(lambda p: trainer._compute_predict_fn()(p, batch))(params)]
+        traced = [jax.make_jaxpr(lambda p: trainer.loss_fn(p, batch, None))(params),
+                  jax.make_jaxpr(lambda p: trainer.predict_fn(p, batch))(params)]
         assert all(bool(bf16_matmul.search(str(j))) == bf16 for j in traced)
     state = TrainState.create(params, optax.adam(1e-2))
     step = make_train_step(loss_fn, donate=False)

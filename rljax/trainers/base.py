@@ -317,11 +317,6 @@ def find_hyperparam(opt_state: Any, name: str) -> Optional[float]:
 # --------------------------------------------------------------------------------------------
 
 
-def cast_floating(params: Any, dtype: Any) -> Any:
-    """``params`` with every floating leaf cast to ``dtype`` (integer leaves as they are)."""
-    return jax.tree_util.tree_map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
-
-
 def module_in_dtype(module: Any, dtype: Any) -> Any:
     """``module`` computing in ``dtype`` (activations and matmuls; flax casts the params per
     layer, so they stay in their own dtype): a family's ``dtype`` field, or a value-head
@@ -334,20 +329,6 @@ def module_in_dtype(module: Any, dtype: Any) -> Any:
             "field. Pass bf16=False, or load the model with dtype=bfloat16."
         )
     return module.clone(dtype=dtype)
-
-
-def with_compute_dtype(loss_fn: LossFn, dtype: Any) -> LossFn:
-    """``loss_fn`` with its floating params cast to ``dtype`` (e.g. bfloat16) for the forward
-    and the loss returned in float32; the caller's params (and so the gradients, which flow
-    back through the cast) stay in their own dtype. A flax module built with an explicit
-    ``dtype=float32`` still multiplies in float32: build the loss from
-    :func:`module_in_dtype` ``(module, dtype)`` (the trainers' ``compute_module``)."""
-
-    def wrapped(params, batch, rng):
-        loss, metrics = loss_fn(cast_floating(params, dtype), batch, rng)
-        return loss.astype(jnp.float32), metrics
-
-    return wrapped
 
 
 def make_train_step(loss_fn: LossFn, gradient_accumulation_steps: int = 1, donate: bool = True,
@@ -971,22 +952,12 @@ class Trainer:
         bfloat16 with ``bf16=True`` (float32 params, gradients, optimizer state and loss)."""
         return module_in_dtype(self.module, jnp.bfloat16) if self.args.bf16 else self.module
 
-    def _compute_loss_fn(self) -> LossFn:
-        """``self.loss_fn`` in the compute dtype the args ask for (``bf16=True``: bfloat16)."""
-        return with_compute_dtype(self.loss_fn, jnp.bfloat16) if self.args.bf16 else self.loss_fn
-
-    def _compute_predict_fn(self) -> Callable:
-        """``self.predict_fn`` in the compute dtype the args ask for (as in HF, bf16 autocast covers eval)."""
-        if not self.args.bf16:
-            return self.predict_fn
-        return lambda params, batch: self.predict_fn(cast_floating(params, jnp.bfloat16), batch)
-
     def _build_train_step(self, accum: Optional[int] = None, micro_batch: Optional[int] = None) -> Callable:
         """The jitted train step; with ``self.mesh`` the state is sharded by the model family's
         partition rules, batches on (data, fsdp), and the step is jitted with those shardings."""
         accum = self.args.gradient_accumulation_steps if accum is None else accum
         micro_batch = self.args.per_device_train_batch_size if micro_batch is None else micro_batch
-        step = make_train_step(self._compute_loss_fn(), accum, gradient_checkpointing=self.args.gradient_checkpointing)
+        step = make_train_step(self.loss_fn, accum, gradient_checkpointing=self.args.gradient_checkpointing)
         if self.mesh is None:
             return step
         from rljax.sharding import batch_sharding, jit_sharded, replicated
@@ -1054,9 +1025,9 @@ class Trainer:
         """Batches of ``per_device_eval_batch_size`` in order; returns ``(metrics, predictions,
         labels)`` (the last two None unless ``predictions``)."""
         if predictions and self._predict_step is None:
-            self._predict_step = jax.jit(self._compute_predict_fn())
+            self._predict_step = jax.jit(self.predict_fn)
         if not predictions and self._eval_step is None:
-            self._eval_step = make_eval_step(self._compute_loss_fn())
+            self._eval_step = make_eval_step(self.loss_fn)
         t0 = time.time()
         batches = BatchIterator(ds, min(self.args.per_device_eval_batch_size, len(ds)), shuffle=False, num_epochs=1)
         sums: Dict[str, float] = {}

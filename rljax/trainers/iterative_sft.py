@@ -328,7 +328,7 @@ class IterativeSFTTrainer(Trainer):
                 labels = [r["labels"] for r in ds] if "labels" in ds[0] else None
         rows = self.prepare_inputs(input_ids, attention_mask, labels, texts, texts_labels)
         if self._eval_step is None:
-            self._eval_step = make_eval_step(self._compute_loss_fn())
+            self._eval_step = make_eval_step(self.loss_fn)
         total = float(sum(_count(r) for r in rows))
         size = self.args.per_device_eval_batch_size
         loss = 0.0
