@@ -41,7 +41,6 @@ from rljax.core import (
     running_moments_init,
 )
 from rljax.losses import ppo_loss
-from rljax.models.attention import default_position_ids
 from rljax.ppo import (
     KLControllerState,
     PPOConfig,
@@ -49,9 +48,16 @@ from rljax.ppo import (
     compute_rewards,
     kl_controller_init,
     kl_controller_update,
-    kl_penalty,
     process_scores,
     step_stats,
+)
+from rljax.rollout import (  # noqa: F401  (re-exported: the old import paths keep working)
+    ResponseScores,
+    Rollout,
+    make_forward_rollout,
+    make_rollout,
+    response_logprobs,
+    sequence_inputs,
 )
 from rljax.sharding import constrain_batch
 
@@ -183,93 +189,6 @@ def set_learning_rate(opt_state: Any, learning_rate: Any) -> Any:
 # ==========================================================================
 # 2. Rollout
 # ==========================================================================
-
-
-@flax.struct.dataclass
-class Rollout:
-    """One batch of experience. ``B`` batch, ``P`` query length, ``N`` response
-    length, ``T = P + N - 1`` (TRL's shifted length)."""
-
-    queries: Array  # [B, P] left-padded
-    query_mask: Array  # [B, P]
-    responses: Array  # [B, N] right-padded
-    response_mask: Array  # [B, N]
-    logprobs: Array  # [B, T] policy log-probs of token t+1 (rollout = "old")
-    ref_logprobs: Array  # [B, T]
-    values: Array  # [B, T]
-    masks: Array  # [B, T] 1 where token t+1 is a response token
-    kls: Optional[Array] = None  # [B, T] precomputed for kl_penalty="full" (needs full distributions)
-
-    @property
-    def input_ids(self) -> Array:
-        return jnp.concatenate([self.queries, self.responses], axis=1)
-
-    @property
-    def attention_mask(self) -> Array:
-        return jnp.concatenate([self.query_mask, self.response_mask], axis=1)
-
-
-def sequence_inputs(queries: Array, query_mask: Array, responses: Array, response_mask: Array):
-    """``(input_ids, attention_mask, position_ids, masks)`` of ``[query | response]``."""
-    input_ids = jnp.concatenate([queries, responses], axis=1)
-    attention_mask = jnp.concatenate([query_mask, response_mask], axis=1).astype(jnp.int32)
-    position_ids = default_position_ids(attention_mask)
-    masks = jnp.concatenate([jnp.zeros_like(query_mask[:, 1:]), response_mask], axis=1).astype(jnp.float32)
-    return input_ids, attention_mask, position_ids, masks
-
-
-def make_forward_rollout(module: Any, kl_penalty_mode: str = "kl", ref_module: Optional[Any] = None) -> Callable:
-    """``forward(params, ref_params, queries, query_mask, responses, response_mask) -> Rollout``.
-
-    ``module``'s output must have ``.logits`` [B, S, V] and ``.values`` [B, S] (a value-head
-    model); ``ref_module`` (default: ``module``) only needs ``.logits``. Eval mode (no dropout),
-    as TRL's ``batched_forward_pass``. Not jitted itself: call it inside your own jit.
-    """
-    ref_module = module if ref_module is None else ref_module
-
-    def forward(params, ref_params, queries, query_mask, responses, response_mask) -> Rollout:
-        chex.assert_rank([queries, query_mask, responses, response_mask], 2)
-        chex.assert_equal_shape([queries, query_mask])
-        chex.assert_equal_shape([responses, response_mask])
-        input_ids, attention_mask, position_ids, masks = sequence_inputs(queries, query_mask, responses, response_mask)
-        input_ids, attention_mask, position_ids = constrain_batch((input_ids, attention_mask, position_ids))
-        out = module.apply({"params": params}, input_ids, attention_mask, position_ids, deterministic=True)
-        ref_out = ref_module.apply({"params": ref_params}, input_ids, attention_mask, position_ids, deterministic=True)
-        labels = input_ids[:, 1:]
-        logits, ref_logits = out.logits[:, :-1], ref_out.logits[:, :-1]
-        kls = None
-        if kl_penalty_mode == "full":
-            kls = kl_penalty(jax.nn.log_softmax(logits, -1), jax.nn.log_softmax(ref_logits, -1), "full")
-        return Rollout(
-            queries=queries,
-            query_mask=query_mask,
-            responses=responses,
-            response_mask=response_mask,
-            logprobs=logprobs_from_logits(logits, labels),
-            ref_logprobs=logprobs_from_logits(ref_logits, labels),
-            values=out.values[:, :-1].astype(jnp.float32),
-            masks=masks,
-            kls=kls,
-        )
-
-    return forward
-
-
-def make_rollout(module: Any, generate_fn: Callable, kl_penalty_mode: str = "kl") -> Callable:
-    """``rollout(state, prompts [B, P], prompt_mask [B, P], rng) -> Rollout``: generate and
-    score in one function (jit it, or call it inside a jitted loop).
-
-    ``generate_fn(params, input_ids, attention_mask, rng)`` returns an object with
-    ``.sequences`` [B, P+N] and ``.response_mask`` [B, N] (see ``rljax.generation.make_generate_fn``).
-    """
-    forward = make_forward_rollout(module, kl_penalty_mode)
-
-    def rollout(state: PPOTrainState, prompts: Array, prompt_mask: Array, rng: Array) -> Rollout:
-        gen = generate_fn(state.params, prompts, prompt_mask, rng)
-        responses = gen.sequences[:, prompts.shape[1] :]
-        return forward(state.params, state.ref_params, prompts, prompt_mask, responses, gen.response_mask)
-
-    return rollout
 
 
 def _roll_rows(x: Array, shift: Array) -> Array:
