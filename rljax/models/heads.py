@@ -141,12 +141,70 @@ class CausalLMWithValueHead(nn.Module):
         return d
 
 
+@flax.struct.dataclass
+class Seq2SeqLMWithValueHeadOutput:
+    """``logits`` [batch, dec_len, vocab] (float32), ``values`` [batch, dec_len] (float32, from the
+    decoder's last hidden state), ``hidden_states`` (decoder, [batch, dec_len, d_model]),
+    ``encoder_hidden_states`` [batch, enc_len, d_model], ``cache`` (the decoder cache or None)."""
+
+    logits: jax.Array
+    values: jax.Array
+    hidden_states: jax.Array
+    encoder_hidden_states: Optional[jax.Array] = None
+    cache: Optional[Any] = None
+
+
+class Seq2SeqLMWithValueHead(nn.Module):
+    """An encoder-decoder LM (T5) plus TRL's value head on the decoder's last hidden state
+    (TRL's ``AutoModelForSeq2SeqLMWithValueHead``). Params: the LM's at the top level, plus
+    ``v_head`` (as ``CausalLMWithValueHead``). ``__call__(input_ids [B, S], attention_mask,
+    decoder_input_ids [B, T], decoder_attention_mask, encoder_hidden_states=None, cache=None,
+    deterministic=True) -> Seq2SeqLMWithValueHeadOutput``."""
+
+    lm: nn.Module
+    summary_dropout_prob: Optional[float] = 0.1
+    v_head_init_strategy: Optional[str] = None
+    v_head_initializer_range: float = 0.2
+    is_encoder_decoder = True
+
+    def setup(self):
+        nn.share_scope(self, self.lm)
+        self.v_head = ValueHead(self.summary_dropout_prob, self.v_head_init_strategy, self.v_head_initializer_range)
+
+    def __call__(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
+                 encoder_hidden_states=None, cache=None, deterministic: bool = True) -> Seq2SeqLMWithValueHeadOutput:
+        out = self.lm(input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, encoder_hidden_states,
+                      cache, deterministic)
+        values = self.v_head(out.hidden_states, deterministic)
+        return Seq2SeqLMWithValueHeadOutput(out.logits, values, out.hidden_states, out.encoder_hidden_states, out.cache)
+
+    @property
+    def config(self):
+        return self.lm.config
+
+    @property
+    def dtype(self):
+        return self.lm.dtype
+
+    def init_cache(self, batch_size: int, max_length: int, dtype=None) -> dict:
+        return self.lm.init_cache(batch_size, max_length, dtype)
+
+    def hf_config_dict(self) -> dict:
+        d = self.lm.config.to_dict()
+        d["summary_dropout_prob"] = self.summary_dropout_prob
+        return d
+
+
+def is_value_head_module(module) -> bool:
+    return isinstance(module, (CausalLMWithValueHead, Seq2SeqLMWithValueHead))
+
+
 def lm_params(params) -> dict:
     """The plain LM params of a value-head model (everything but ``v_head``)."""
     return {k: v for k, v in params.items() if k != "v_head"}
 
 
-def init_value_head(module: CausalLMWithValueHead, rng: jax.Array) -> dict:
+def init_value_head(module, rng: jax.Array) -> dict:
     """Fresh ``{"v_head": ...}`` params for ``module`` (the LM itself is not initialised)."""
     head = ValueHead(module.summary_dropout_prob, module.v_head_init_strategy, module.v_head_initializer_range)
     dummy = jnp.zeros((1, 1, trunk_output_size(module.config)), jnp.float32)
@@ -177,8 +235,9 @@ def value_head_model_from_pretrained(
     torch_dtype=None,
     revision: Optional[str] = None,
     trust_remote_code: bool = False,
-) -> Tuple[CausalLMWithValueHead, dict]:
-    """Load an HF causal-LM directory -> (CausalLMWithValueHead, params).
+) -> Tuple[nn.Module, dict]:
+    """Load an HF causal-LM directory -> (CausalLMWithValueHead, params); an encoder-decoder
+    (T5) directory gives a ``Seq2SeqLMWithValueHead`` instead.
 
     ``v_head.summary.{weight,bias}`` are loaded when the checkpoint has them (TRL / rljax
     value-head saves), else initialised from ``rng`` (default ``PRNGKey(0)``).
@@ -192,7 +251,8 @@ def value_head_model_from_pretrained(
     if summary_dropout_prob is None:
         summary_dropout_prob = cfg.get("summary_dropout_prob", 0.1)
     lm = model_from_config(config_from_dict(cfg), dtype=dtype or jnp.float32)
-    module = CausalLMWithValueHead(lm, summary_dropout_prob, v_head_init_strategy, v_head_initializer_range)
+    wrapper = Seq2SeqLMWithValueHead if getattr(lm, "is_encoder_decoder", False) else CausalLMWithValueHead
+    module = wrapper(lm, summary_dropout_prob, v_head_init_strategy, v_head_initializer_range)
     defaults = init_value_head(module, jax.random.PRNGKey(0) if rng is None else rng)
     params = state_dict_to_params(
         load_state_dict(directory), abstract_params(module), family_of(lm.config), dtype=None, defaults=defaults

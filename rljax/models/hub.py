@@ -41,7 +41,7 @@ INDEX_FILE = "model.safetensors.index.json"
 _WEIGHT_FILE = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?$")
 
 FAMILIES: Dict[str, Family] = {}
-_LAYER = re.compile(r"^(h|layers)_(\d+)$")
+_LAYER = re.compile(r"^(h|layers|block|layer)_(\d+)$")  # T5: block.{i}.layer.{j}
 # Heads are PyTorch nn.Linear in every HF family ([out, in]), even where the trunk uses Conv1D.
 HEAD_PREFIXES = ("lm_head.", "score.", "v_head.")
 
@@ -73,6 +73,7 @@ def _ensure_registered() -> None:
     import rljax.models.bloom  # noqa: F401
     import rljax.models.gpt_neox  # noqa: F401
     import rljax.models.opt  # noqa: F401
+    import rljax.models.t5  # noqa: F401
 
 
 def hf_name(path: Tuple[str, ...]) -> str:
@@ -163,16 +164,22 @@ def model_from_config(config, dtype=jnp.float32):
     return _family(config.model_type).module_cls(config, dtype=dtype)
 
 
+def _init_args(model) -> tuple:
+    """Dummy call arguments for ``model.init``: token ids, plus decoder ids for encoder-decoders."""
+    ids = jnp.zeros((1, 1), jnp.int32)
+    if getattr(model, "is_encoder_decoder", False):
+        return (ids, None, ids)
+    return (ids,)
+
+
 def abstract_params(model) -> Any:
     """Param shapes/dtypes of ``model`` without allocating them."""
-    ids = jnp.zeros((1, 1), jnp.int32)
-    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), ids))["params"]
+    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *_init_args(model)))["params"]
 
 
 def init_params(model, rng: jax.Array) -> Any:
     """Randomly initialised params (HF-style N(0, initializer_range) is not reproduced; flax defaults)."""
-    ids = jnp.zeros((1, 1), jnp.int32)
-    return jax.jit(model.init)(rng, ids)["params"]
+    return jax.jit(model.init)(rng, *_init_args(model))["params"]
 
 
 _DTYPE_NAMES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
