@@ -26,9 +26,8 @@ import dataclasses
 import json
 import os
 import random
-import sys
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -244,8 +243,8 @@ def phase_ppo(args, b, tokenizer, module, sft_params, score_module, rm_params, j
 
     score_fn = jax.jit(score_fn)
 
-    def reward_fn(rollout):  # the reward model as a JAX function: stays inside the compiled loop
-        return score_module.apply({"params": rm_params}, rollout.input_ids, rollout.attention_mask).logits[:, 0]
+    def reward_fn(reward_params, rollout):  # the reward model as a JAX function: stays inside the compiled loop
+        return score_module.apply({"params": reward_params}, rollout.input_ids, rollout.attention_mask).logits[:, 0]
 
     prompts, prompt_mask = _prompt_bank(tokenizer)
     eval_prompts, eval_mask = _prompt_bank(tokenizer, n_repeat=8)
@@ -253,12 +252,14 @@ def phase_ppo(args, b, tokenizer, module, sft_params, score_module, rm_params, j
     state = PPOTrainState.create(policy.params, policy.params, config)
     before, samples_before = evaluate_policy(state.params, score_fn, tokenizer, eval_gen, judge, eval_prompts, eval_mask, jax.random.PRNGKey(123))
     chunk = 4
-    train_chunk = jax.jit(make_train(policy.module, config, generate_fn, reward_fn, jnp.asarray(prompts), jnp.asarray(prompt_mask), chunk))
+    # the reward model's params and the prompt bank are arguments, not constants baked into the program
+    train_chunk = jax.jit(make_train(policy.module, config, generate_fn, reward_fn, chunk))
+    bank = (jnp.asarray(prompts), jnp.asarray(prompt_mask))
     history: Dict[str, List[float]] = {}
     t0 = time.time()
     with tqdm(total=b["ppo_steps"], desc="PPO") as pbar:
         for _ in range(0, b["ppo_steps"], chunk):
-            state, stats = train_chunk(state)
+            state, stats = train_chunk(state, rm_params, *bank)
             stats = jax.device_get(stats)
             for k, v in stats.items():
                 history.setdefault(k, []).extend(np.asarray(v).tolist())

@@ -622,7 +622,7 @@ def run_ppo(config, script: PPOScriptArguments) -> Dict[str, Any]:
         save_value_head_model,
         sequence_score_from_pretrained,
     )
-    from rljax.ppo_train import PPOTrainState, make_train
+    from rljax.ppo_train import PPOTrainState, check_prompt_bank, make_train
 
     model_path = script.model_name_or_path or config.model_name
     dataset = script.dataset_name or config.query_dataset
@@ -651,15 +651,15 @@ def run_ppo(config, script: PPOScriptArguments) -> Dict[str, Any]:
     if score_module.config.vocab_size < policy.config.vocab_size:
         raise ValueError("The reward model's vocabulary is smaller than the policy's: they must share a tokenizer.")
 
-    def reward_fn(rollout):  # a JAX function: stays inside the compiled loop
-        return score_module.apply({"params": rm_params}, rollout.input_ids, rollout.attention_mask).logits[:, label]
+    def reward_fn(reward_params, rollout):  # a JAX function: stays inside the compiled loop
+        return score_module.apply({"params": reward_params}, rollout.input_ids, rollout.attention_mask).logits[:, label]
 
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     gen_kwargs = dict(max_new_tokens=script.max_new_tokens, do_sample=True, temperature=script.temperature,
                       top_k=script.top_k, top_p=script.top_p, eos_token_id=eos, pad_token_id=pad)
     generate_fn = make_generate_fn(policy.module, jit=False, **gen_kwargs)
     sample_gen = make_generate_fn(policy.module, **gen_kwargs)
-    score_jit = jax.jit(lambda ids, mask: score_module.apply({"params": rm_params}, ids, mask).logits[:, label])
+    score_jit = jax.jit(lambda p, ids, mask: score_module.apply({"params": p}, ids, mask).logits[:, label])
 
     def fresh_state():
         return PPOTrainState.create(policy.params, jax.tree_util.tree_map(jnp.array, policy.params), config)
@@ -682,12 +682,13 @@ def run_ppo(config, script: PPOScriptArguments) -> Dict[str, Any]:
     total = config.total_ppo_epochs
     chunk = max(1, min(script.steps_per_call, total))
     prompts_j, mask_j = jnp.asarray(prompts), jnp.asarray(prompt_mask)
+    check_prompt_bank(prompts, prompt_mask, config.batch_size)
     compiled: Dict[int, Callable] = {}
 
     def train_fn(n):
+        # reward params and the prompt bank are arguments: nothing large is baked into the program
         if n not in compiled:
-            compiled[n] = jax.jit(make_train(policy.module, config, generate_fn, reward_fn, prompts_j, mask_j, n),
-                                  donate_argnums=(0,))
+            compiled[n] = jax.jit(make_train(policy.module, config, generate_fn, reward_fn, n), donate_argnums=(0,))
         return compiled[n]
 
     n_samples = min(8, len(prompts))
@@ -696,7 +697,7 @@ def run_ppo(config, script: PPOScriptArguments) -> Dict[str, Any]:
     def samples(params):
         gen = sample_gen(params, prompts_j[:n_samples], mask_j[:n_samples], sample_key)
         full_mask = jnp.concatenate([mask_j[:n_samples], gen.response_mask], axis=1)
-        scores = np.asarray(score_jit(gen.sequences, full_mask))
+        scores = np.asarray(score_jit(rm_params, gen.sequences, full_mask))
         P = prompts.shape[1]
         seqs, rmask = np.asarray(gen.sequences), np.asarray(gen.response_mask)
         return [
@@ -718,7 +719,7 @@ def run_ppo(config, script: PPOScriptArguments) -> Dict[str, Any]:
         it = start
         while it < total:
             n = min(chunk, total - it)
-            state, stats = train_fn(n)(state)
+            state, stats = train_fn(n)(state, rm_params, prompts_j, mask_j)
             stats = jax.device_get(stats)
             for i in range(n):
                 last = {k: float(np.asarray(v)[i]) for k, v in stats.items()}

@@ -77,6 +77,27 @@ def logprobs_from_logits(logits: ArrayLike, labels: ArrayLike, gather: bool = Tr
     return picked - jax.nn.logsumexp(logits, axis=-1)
 
 
+def logprobs_and_entropy(
+    logits: ArrayLike, labels: ArrayLike, with_entropy: bool = True
+) -> Tuple[Array, Optional[Array]]:
+    """Log-probs of ``labels`` and the entropy of each distribution from ONE pass over ``logits``.
+
+    logits: [..., V]; labels: [...] integer ids. Returns ``(logprobs [...], entropy [...] or
+    None)``, float32 (at least): one ``logsumexp`` serves both, ``logprobs = logits[label] - lse``
+    and ``entropy = lse - sum(softmax(logits) * logits)`` (TRL's formula), so no ``[..., V]``
+    log-softmax or probability tensor has to be kept besides ``logits``.
+    """
+    logits = _at_least_f32(logits)
+    labels = jnp.asarray(labels)
+    chex.assert_shape(labels, logits.shape[:-1])
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    if not with_entropy:
+        return picked - lse, None
+    probs = jnp.exp(logits - lse[..., None])
+    return picked - lse, lse - jnp.sum(probs * logits, axis=-1)
+
+
 def entropy_from_logits(logits: ArrayLike) -> Array:
     """Entropy of softmax(logits) over the last axis: [..., V] -> [...].
 
@@ -348,6 +369,7 @@ __all__ = [
     "convert_to_scalar",
     "entropy_from_logits",
     "flatten_dict",
+    "logprobs_and_entropy",
     "logprobs_from_logits",
     "masked_mean",
     "masked_var",

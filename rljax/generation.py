@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rljax.models.attention import apply_windowed
 from rljax.sharding import constrain_batch
 
 Array = jax.Array
@@ -86,6 +87,8 @@ class GenerationSettings:
     return_logprobs: bool = False
     return_values: bool = False
     cache_dtype: Any = None
+    # Token-id sequences that end a row like eos (kept in the response; pad after).
+    stop_sequences: Tuple[Tuple[int, ...], ...] = ()
 
 
 # --------------------------------------------------------------------------
@@ -154,6 +157,18 @@ def _eos_tuple(eos_token_id: TokenIds) -> Tuple[int, ...]:
     return tuple(int(e) for e in eos_token_id)
 
 
+def _stop_tuple(stop_sequences) -> Tuple[Tuple[int, ...], ...]:
+    """Normalise ``stop_sequences`` (one id sequence or several) to a tuple of int tuples."""
+    if stop_sequences is None or len(stop_sequences) == 0:
+        return ()
+    if isinstance(stop_sequences[0], (int, np.integer)):
+        stop_sequences = [stop_sequences]
+    out = tuple(dict.fromkeys(tuple(int(i) for i in seq) for seq in stop_sequences))
+    if any(len(seq) == 0 for seq in out):
+        raise ValueError("stop_sequences holds an empty sequence; every stop sequence needs at least one token id.")
+    return out
+
+
 def _settings(
     *,
     max_new_tokens,
@@ -167,6 +182,7 @@ def _settings(
     return_logprobs,
     return_values,
     cache_dtype,
+    stop_sequences=None,
 ) -> GenerationSettings:
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}.")
@@ -188,6 +204,10 @@ def _settings(
             "allowed; lower min_new_tokens or raise max_new_tokens."
         )
     eos = _eos_tuple(eos_token_id)
+    stops = _stop_tuple(stop_sequences)
+    if stops and pad_token_id is None:
+        raise ValueError("stop_sequences is set but pad_token_id is None: rows that stop early need a pad token. "
+                         "Pass pad_token_id, e.g. pad_token_id=tokenizer.pad_token_id.")
     if eos and pad_token_id is None:
         raise ValueError(
             "eos_token_id is set but pad_token_id is None: rows that finish early need a pad token. "
@@ -205,6 +225,7 @@ def _settings(
         return_logprobs=bool(return_logprobs),
         return_values=bool(return_values),
         cache_dtype=None if cache_dtype is None else jnp.dtype(cache_dtype),
+        stop_sequences=stops,
     )
 
 
@@ -284,6 +305,20 @@ def _check_left_padded(attention_mask) -> None:
 # --------------------------------------------------------------------------
 
 
+def _ends_with_stop(tokens: Array, t, stops: Tuple[Tuple[int, ...], ...]) -> Array:
+    """[B] bool: ``tokens[:, :t + 1]`` ([B, N] response so far) ends with one of ``stops``.
+
+    One static slice-and-compare per stop sequence (a handful), no host callback."""
+    hit = jnp.zeros((tokens.shape[0],), bool)
+    for seq in stops:
+        n = len(seq)
+        if n > tokens.shape[1]:
+            continue  # longer than the response: can never match
+        window = jax.lax.dynamic_slice_in_dim(tokens, jnp.clip(t - n + 1, 0, tokens.shape[1] - n), n, axis=1)
+        hit = hit | ((t >= n - 1) & jnp.all(window == jnp.asarray(seq, jnp.int32), axis=1))
+    return hit
+
+
 def _init_cache(model, batch: int, length: int, dtype):
     if dtype is None:
         return model.init_cache(batch, length)
@@ -310,8 +345,12 @@ def _output_values(out, required: bool) -> Optional[Array]:
     return values
 
 
-def _generate(model, settings: GenerationSettings, params, input_ids, attention_mask, rng) -> GenerationOutput:
-    """Pure generation core (traced once per input shapes). See ``generate``."""
+def _generate(
+    model, settings: GenerationSettings, params, input_ids, attention_mask, rng, new_tokens_limit=None
+) -> GenerationOutput:
+    """Pure generation core (traced once per input shapes). See ``generate``.
+    ``new_tokens_limit``: None, or a (traced) int: decode stops after that many new tokens
+    (at most ``max_new_tokens``, the fixed output width); one compiled program serves every limit."""
     TRACE_COUNTS[settings] += 1
     s = settings
     if attention_mask is None:
@@ -326,13 +365,17 @@ def _generate(model, settings: GenerationSettings, params, input_ids, attention_
     want_values = s.return_values
 
     def forward(tokens, slot_mask, position_ids, cache):
-        out = model.apply(
+        # The heads run on the last column only (nanoGPT's lm_head(x[:, [-1]])): the prefill
+        # needs each row's next-token distribution, not the prompt's [B, P, V] logits.
+        out = apply_windowed(
+            model,
             {"params": params},
             tokens,
             attention_mask=slot_mask,
             position_ids=position_ids,
             cache=cache,
             deterministic=True,
+            logits_window=(-1, 1),
         )
         values = _output_values(out, want_values)
         last_value = values[:, -1].astype(jnp.float32) if want_values else None
@@ -361,6 +404,8 @@ def _generate(model, settings: GenerationSettings, params, input_ids, attention_
             values = values.at[:, t].set(jnp.where(alive, value, 0.0))
         if s.eos_token_id:
             finished = finished | jnp.isin(token, eos_ids)
+        if s.stop_sequences:
+            finished = finished | (alive & _ends_with_stop(tokens, t, s.stop_sequences))
         return token, (tokens, response_mask, logprobs, values, finished)
 
     # On a mesh (``rljax.sharding.jit_sharded``) the batch axis of the prompt, the KV cache and
@@ -384,10 +429,12 @@ def _generate(model, settings: GenerationSettings, params, input_ids, attention_
     token, record = constrain_batch((token, record))
 
     # Decode: step t feeds token t-1 (slot prompt_len + t - 1) and picks token t.
+    limit = n_new if new_tokens_limit is None else jnp.clip(jnp.asarray(new_tokens_limit, jnp.int32), 1, n_new)
+
     def cond(carry):
         t, _, _, _, record = carry
-        keep_going = t < n_new
-        if s.eos_token_id:
+        keep_going = t < limit
+        if s.eos_token_id or s.stop_sequences:
             keep_going = keep_going & ~jnp.all(record[-1])
         return keep_going
 
@@ -451,8 +498,10 @@ def make_generate_fn(
     return_values: bool = False,
     cache_dtype=None,
     jit: bool = True,
+    stop_sequences=None,
 ) -> Callable[[Any, Array, Array, Array], GenerationOutput]:
-    """Build ``fn(params, input_ids [B, P], attention_mask [B, P], rng) -> GenerationOutput``.
+    """Build ``fn(params, input_ids [B, P], attention_mask [B, P], rng, new_tokens_limit=None)
+    -> GenerationOutput`` (``new_tokens_limit``: a traced int limit, see ``generate``).
 
     The settings (see ``generate``) are validated here and baked in as
     compile-time constants. With ``jit=True`` (default) the jitted function is
@@ -474,6 +523,7 @@ def make_generate_fn(
         return_logprobs=return_logprobs,
         return_values=return_values,
         cache_dtype=cache_dtype,
+        stop_sequences=stop_sequences,
     )
     return _cached_fn(model, settings, jit)
 
@@ -496,6 +546,8 @@ def generate(
     return_logprobs: bool = False,
     return_values: bool = False,
     cache_dtype=None,
+    stop_sequences=None,
+    new_tokens_limit=None,
 ) -> GenerationOutput:
     """Generate ``max_new_tokens`` tokens after left-padded prompts.
 
@@ -509,7 +561,13 @@ def generate(
     has stopped. ``return_logprobs`` adds the RAW model logprobs of the chosen
     tokens, ``return_values`` the value head's outputs (model output must have
     ``.values``). ``cache_dtype`` overrides the KV cache dtype (default: the
-    model's compute dtype).
+    model's compute dtype). ``stop_sequences`` (token-id sequences, e.g.
+    :func:`stop_sequences_for` of stop strings) end a row like eos once its
+    response ends with one of them: matched on ids inside the decode loop.
+
+    ``new_tokens_limit`` (an int, e.g. a ``LengthSampler`` draw): decode at most that many
+    tokens; the output keeps its ``max_new_tokens`` width (pad and mask 0 past the limit) and
+    the limit is a traced argument, so varying it never recompiles.
 
     Returns ``GenerationOutput`` (sequences [B, P + max_new_tokens],
     response_mask, logprobs, values; see its docstring). Raises ValueError on
@@ -528,6 +586,7 @@ def generate(
         return_logprobs=return_logprobs,
         return_values=return_values,
         cache_dtype=cache_dtype,
+        stop_sequences=stop_sequences,
     )
     input_ids = jnp.asarray(input_ids)
     attention_mask = jnp.ones(input_ids.shape, jnp.int32) if attention_mask is None else jnp.asarray(attention_mask)
@@ -536,7 +595,11 @@ def generate(
         _check_left_padded(attention_mask)
     if not isinstance(input_ids, jax.core.Tracer):
         check_token_range(model, input_ids)
-    return fn(params, input_ids, attention_mask, rng)
+    if new_tokens_limit is None:
+        return fn(params, input_ids, attention_mask, rng)
+    if not isinstance(new_tokens_limit, jax.core.Tracer) and not 1 <= int(new_tokens_limit) <= max_new_tokens:
+        raise ValueError(f"new_tokens_limit={new_tokens_limit} must be between 1 and max_new_tokens={max_new_tokens}.")
+    return fn(params, input_ids, attention_mask, rng, jnp.asarray(new_tokens_limit, jnp.int32))
 
 
 # --------------------------------------------------------------------------
@@ -568,6 +631,26 @@ def respond_to_batch(model, params, queries, txt_len: int = 20, top_k: int = 0, 
         top_p=top_p,
     )
     return out.sequences[:, -txt_len:]
+
+
+def stop_sequences_for(tokenizer, stop_strings: Sequence[str]) -> Tuple[Tuple[int, ...], ...]:
+    """Token-id sequences for ``stop_strings`` (host side), for ``generate(stop_sequences=...)``.
+
+    A string tokenizes differently in context (BPE merges it with what precedes it), so
+    each string gives its ids alone and after a space; a stop string that is one added
+    token (``tokenizer.add_tokens(["<call>"])``) always matches. A string met in another
+    tokenization is not caught on device: cut the decoded text afterwards as TRL does
+    (``rljax.environment`` does both).
+    """
+    seqs = []
+    for text in stop_strings:
+        if not text:
+            raise ValueError("stop_strings holds an empty string; pass non-empty strings such as '<call>'.")
+        seqs.append(tuple(tokenizer.encode(text, add_special_tokens=False)))
+        spaced = tuple(tokenizer.encode(" " + text, add_special_tokens=False))
+        if tokenizer.decode(list(spaced)).endswith(text):
+            seqs.append(spaced)
+    return _stop_tuple(seqs)
 
 
 def strip_responses(
@@ -615,5 +698,6 @@ __all__ = [
     "make_generate_fn",
     "respond_to_batch",
     "sample_logits",
+    "stop_sequences_for",
     "strip_responses",
 ]

@@ -252,12 +252,15 @@ def ppo_loss(
     cliprange_value: float,
     vf_coef: float,
     ratio_threshold: float = 10.0,
+    entropy: Optional[ArrayLike] = None,
 ) -> Tuple[Array, Array, Dict[str, Array]]:
     """TRL 0.7.11's `PPOTrainer.loss`: clipped policy and value losses.
 
     old_logprobs, values (rollout values), vpreds, logprobs, mask, advantages,
     returns: [batch, seq]; logits: [batch, seq, V], or [batch, V] (one distribution per
     row, as TRL broadcasts a rank-2 entropy), for the entropy stat only.
+    ``entropy`` [batch, seq] (optional): the per-token entropy already computed with the
+    log-probs (``rljax.core.logprobs_and_entropy``); then ``logits`` is not read and may be None.
     Returns (pg_loss, vf_coef * vf_loss, stats); optimise their sum.
 
     stats holds TRL's flattened keys: loss/policy, loss/value (UNscaled
@@ -280,11 +283,15 @@ def ppo_loss(
     old_logprobs, values, vpreds, logprobs, advantages, returns = (
         _floating(x) for x in (old_logprobs, values, vpreds, logprobs, advantages, returns)
     )
-    logits = jnp.asarray(logits)
     chex.assert_rank([old_logprobs, values, vpreds, logprobs, advantages, returns], 2)
     chex.assert_equal_shape([old_logprobs, values, vpreds, logprobs, advantages, returns])
-    chex.assert_rank(logits, {2, 3})
-    chex.assert_equal_shape_prefix([logits, logprobs], logits.ndim - 1)
+    if entropy is None:
+        logits = jnp.asarray(logits)
+        chex.assert_rank(logits, {2, 3})
+        chex.assert_equal_shape_prefix([logits, logprobs], logits.ndim - 1)
+    else:
+        entropy = _floating(entropy)
+        chex.assert_equal_shape([entropy, logprobs])
     mask = jnp.asarray(mask, dtype=logprobs.dtype)
     chex.assert_equal_shape([mask, logprobs])
 
@@ -321,9 +328,12 @@ def ppo_loss(
     vf_loss = jnp.where(skipped, 0.0, vf_loss)
     loss = jnp.where(skipped, 0.0, loss)
 
-    token_entropy = entropy_from_logits(sg(logits))  # [batch, seq], or [batch] for rank-2 logits
-    if logits.ndim == 2:  # one distribution per row, shared by the row's tokens
-        token_entropy = jnp.broadcast_to(token_entropy[:, None], mask.shape)
+    if entropy is not None:
+        token_entropy = sg(entropy)
+    else:
+        token_entropy = entropy_from_logits(sg(logits))  # [batch, seq], or [batch] for rank-2 logits
+        if logits.ndim == 2:  # one distribution per row, shared by the row's tokens
+            token_entropy = jnp.broadcast_to(token_entropy[:, None], mask.shape)
     entropy = mmean(token_entropy)
     approxkl = 0.5 * mmean(jnp.square(logprobs - old_logprobs))
     policykl = mmean(old_logprobs - logprobs)

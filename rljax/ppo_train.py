@@ -16,16 +16,15 @@ Read top to bottom, like the algorithm:
    (sample prompts -> rollout -> reward -> ppo_step) is one ``lax.scan``.
 
 Sequence layout: ``input_ids = [left-padded query (P) | response (N)]``; the
-response is right-padded after eos. Position ``t`` of the ``[B, P+N-1]`` arrays
-is about predicting token ``t+1`` (TRL's shift), so ``masks[:, t] = 1`` iff token
-``t+1`` is a real response token. Only masked-out positions differ from TRL's
-right-padded layout, and every TRL quantity on masked positions is unchanged
-(``whiten_rewards`` is the one place the pad count leaks into the numbers; see
-``advantages_in_trl_layout``).
+response is right-padded after eos. Left-padded queries put every response at the same
+columns, so the LM and value heads run on the response window only (``rljax.rollout``) and
+every per-token array is ``[B, N]``, aligned with the responses (TRL's ``[B, P+N-1]``
+arrays hold the same numbers at their masked positions; its query columns are never read).
+``whiten_rewards`` is the one place TRL's pad count leaks into the numbers; it is
+reproduced analytically (see ``advantages_in_trl_layout``).
 """
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import chex
@@ -37,10 +36,14 @@ import optax
 
 from rljax.core import (
     RunningMomentsState,
-    logprobs_from_logits,
+    logprobs_and_entropy,
+    masked_mean,
+    masked_var,
+    masked_whiten,
     running_moments_init,
 )
 from rljax.losses import ppo_loss
+from rljax.models.attention import apply_windowed
 from rljax.ppo import (
     KLControllerState,
     PPOConfig,
@@ -57,6 +60,7 @@ from rljax.rollout import (  # noqa: F401  (re-exported: the old import paths ke
     make_forward_rollout,
     make_rollout,
     response_logprobs,
+    response_window,
     sequence_inputs,
 )
 from rljax.sharding import constrain_batch
@@ -73,10 +77,11 @@ STATS_PADDING = -1.0
 
 @flax.struct.dataclass
 class PPOTrainState:
-    """Everything one PPO iteration reads and writes.
+    """Everything one PPO iteration reads and writes (all leaves: no static optimizer; the
+    optax transformation belongs to the step, ``make_ppo_step(..., tx=...)``).
 
-    ``ref_params`` is None when the reference is computed another way (e.g. the
-    policy with adapters off); ``tx`` is static.
+    ``ref_params`` is None when the reference is the policy's params under another module
+    (PEFT: the policy with adapters off; see ``rljax.rollout.make_forward_rollout``).
     """
 
     step: Array
@@ -86,7 +91,6 @@ class PPOTrainState:
     rng: Array
     kl: KLControllerState
     score_moments: RunningMomentsState
-    tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
 
     @classmethod
     def create(
@@ -97,6 +101,8 @@ class PPOTrainState:
         tx: Optional[optax.GradientTransformation] = None,
         rng: Optional[Array] = None,
     ) -> "PPOTrainState":
+        """A fresh state; ``tx`` (default: the config's optimizer) only initialises
+        ``opt_state``: build the step with the same ``tx``."""
         tx = tx if tx is not None else make_ppo_optimizer(config)
         return cls(
             step=jnp.zeros((), jnp.int32),
@@ -106,7 +112,6 @@ class PPOTrainState:
             rng=jax.random.PRNGKey(config.seed) if rng is None else rng,
             kl=kl_controller_init(config),
             score_moments=running_moments_init(),
-            tx=tx,
         )
 
 
@@ -116,26 +121,17 @@ def make_ppo_optimizer(config: PPOConfig, trainable: Optional[Any] = None) -> op
 
     The learning rate is an ``optax.inject_hyperparams`` hyperparameter, so it lives in the
     optimizer state: ``ppo/learning_rate`` reads it there and a shell can change it between
-    steps (``set_learning_rate``) without recompiling."""
+    steps (``set_learning_rate``) without recompiling. The transformation is closed over by
+    the step (``make_ppo_step(..., tx=...)``); the state holds only its ``opt_state``."""
     tx = _adam_with_clipping(float(config.learning_rate), config.max_grad_norm)
     if trainable is not None:
-        leaves, treedef = jax.tree_util.tree_flatten(trainable)
-        tx = _with_frozen(tx, treedef, tuple(bool(t) for t in leaves))
+        labels = jax.tree_util.tree_map(lambda t: "train" if t else "frozen", trainable)
+        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
     return tx
 
 
-@functools.lru_cache(maxsize=32)
-def _with_frozen(tx: optax.GradientTransformation, treedef: Any, trainable: Tuple[bool, ...]):
-    """``tx`` on the trainable leaves, zero updates (and no state) on the others; cached so
-    equal settings give an equal transformation (see ``_adam_with_clipping``)."""
-    labels = jax.tree_util.tree_unflatten(treedef, ["train" if t else "frozen" for t in trainable])
-    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
-
-
-@functools.lru_cache(maxsize=32)
 def _adam_with_clipping(learning_rate: float, max_grad_norm: Optional[float]) -> optax.GradientTransformation:
-    """One optax object per setting: the optimizer is a static field of the state, so equal
-    configs must give an EQUAL transformation or every new state recompiles ppo_step."""
+    """torch's Adam (eps 1e-8) after optional global-norm clipping, the rate injected."""
 
     def adam(learning_rate):
         parts = [] if max_grad_norm is None else [optax.clip_by_global_norm(max_grad_norm)]
@@ -191,37 +187,53 @@ def set_learning_rate(opt_state: Any, learning_rate: Any) -> Any:
 # ==========================================================================
 
 
-def _roll_rows(x: Array, shift: Array) -> Array:
-    """Roll row ``b`` of ``x`` [B, W] right by ``shift[b]`` (negative: left), wrapping around."""
-    W = x.shape[1]
-    idx = (jnp.arange(W)[None, :] - shift[:, None]) % W
-    return jnp.take_along_axis(x, idx, axis=1)
+def _geometric_sum(ratio: Array, count: Array) -> Array:
+    """``sum_{k < count} ratio**k`` (``count`` when ratio == 1)."""
+    ratio = jnp.asarray(ratio, jnp.float32)
+    safe = jnp.where(ratio == 1.0, 0.5, ratio)
+    closed = (1.0 - jnp.power(safe, count)) / (1.0 - safe)
+    return jnp.where(ratio == 1.0, count.astype(jnp.float32), closed)
 
 
 def advantages_in_trl_layout(
     rollout: Rollout, rewards: Array, masks: Array, gamma: float, lam: float, whiten_rewards: bool = False
 ) -> Tuple[Array, Array, Array]:
-    """``compute_advantages`` with TRL's padding where the layout shows through.
+    """``compute_advantages`` on the [B, N] response window, with TRL's padding where the
+    layout shows through.
 
     With ``whiten_rewards`` TRL whitens the masked rewards at EVERY position, so each
-    trailing pad position after a response carries ``mean * (1 - rsqrt(var))`` and the GAE
-    recursion carries it back into that response's advantages and returns. TRL's trailing
-    pad count is its right-padded ``[query | response]`` length, ``max_b(len q_b + len r_b)``,
-    minus the row's own length; ours would be ``N - len r``. Each row is rolled so that it
-    has TRL's count (only masked positions wrap), GAE runs, and the results roll back.
-    Without ``whiten_rewards`` masked rewards and values are zero and the layout cannot
-    matter, so no roll is done. All outputs [B, T] in rljax's layout.
+    trailing pad position after a response carries ``c = mean * (1 - rsqrt(var + eps))``
+    (a zero reward whitened with ``shift_mean=False``) and the GAE recursion carries it back
+    into that response's advantages and returns. TRL's trailing pad count is ``m = max_b(len
+    q_b + len r_b) - len q - len r`` (its right-padded ``[query | response]`` batch); the
+    window has ``N - len r``. The difference enters analytically: the pads after the
+    response add ``gamma*lam * c * S(m)`` to the last response token's GAE delta (``S(m) =
+    sum_{k<m} (gamma*lam)**k``), minus what the window's own pads already add. Without
+    ``whiten_rewards`` masked rewards and values are zero and the layout cannot matter.
+    All outputs [B, N].
     """
     if not whiten_rewards:
         return compute_advantages(rollout.values, rewards, masks, gamma, lam, whiten_rewards=False)
+    fmask = masks.astype(jnp.float32)
+    values = rollout.values.astype(jnp.float32) * fmask
+    masked_rewards = rewards.astype(jnp.float32) * fmask
+    whitened = masked_whiten(masked_rewards, fmask, shift_mean=False)  # c at every masked position
+    c = masked_mean(masked_rewards, fmask) * (1.0 - jax.lax.rsqrt(masked_var(masked_rewards, fmask) + 1e-8))
     qlen = rollout.query_mask.sum(-1).astype(jnp.int32)
     rlen = rollout.response_mask.sum(-1).astype(jnp.int32)
-    shift = rollout.responses.shape[1] + qlen - jnp.max(qlen + rlen)
-    roll = lambda x: _roll_rows(x, shift)  # noqa: E731
-    values, advantages, returns = compute_advantages(
-        roll(rollout.values), roll(rewards), roll(masks), gamma, lam, whiten_rewards=True
+    N = rollout.responses.shape[1]
+    trl_pads = jnp.max(qlen + rlen) - qlen - rlen  # [B]
+    own_pads = N - rlen  # the window's pads after the response: already in the recursion
+    gl = jnp.asarray(gamma * lam, jnp.float32)
+    tail = gl * c * (_geometric_sum(gl, trl_pads) - _geometric_sum(gl, own_pads))  # [B]
+    last = jax.nn.one_hot(rlen - 1, N, dtype=jnp.float32)  # the last response token (none when rlen == 0)
+    # GAE over every window position (masked rewards are c, as TRL's), then TRL's whitening of the
+    # advantages over the real mask; compute_advantages' returns are raw advantages + values.
+    _, _, returns = compute_advantages(
+        values, whitened + tail[:, None] * last, jnp.ones_like(fmask), gamma, lam, whiten_rewards=False
     )
-    return tuple(_roll_rows(x, -shift) for x in (values, advantages, returns))
+    advantages = jax.lax.stop_gradient(masked_whiten(returns - values, fmask))
+    return values, advantages, returns
 
 
 # ==========================================================================
@@ -229,8 +241,21 @@ def advantages_in_trl_layout(
 # ==========================================================================
 
 
-def make_ppo_step(module: Any, config: PPOConfig, *, num_processes: int = 1, mesh: Optional[Any] = None) -> Callable:
+def make_ppo_step(
+    module: Any,
+    config: PPOConfig,
+    *,
+    tx: Optional[optax.GradientTransformation] = None,
+    num_processes: int = 1,
+    mesh: Optional[Any] = None,
+) -> Callable:
     """Build ``ppo_step(state, rollout, scores [B]) -> (state, stats)`` (pure; jit it).
+
+    ``tx``: the optax transformation the step applies (closed over: the optimizer belongs to
+    the step, the state holds only its ``opt_state``); default ``make_ppo_optimizer(config)``.
+    The state must have been created with an equal ``tx`` (``PPOTrainState.create(...,
+    tx=tx)``). Two steps built from equal settings compile separately only if jitted
+    separately: keep one jitted step per (module, config, tx) and reuse it.
 
     TRL 0.7.11's optimisation phase: ``ppo_epochs`` epochs, each a fresh permutation cut
     into backward batches of ``mini_batch_size * gradient_accumulation_steps``; gradients of
@@ -253,19 +278,22 @@ def make_ppo_step(module: Any, config: PPOConfig, *, num_processes: int = 1, mes
     if B % bb:
         raise ValueError(f"batch_size {B} must be a multiple of mini_batch_size*gradient_accumulation_steps = {bb}.")
     n_bb, epochs = B // bb, config.ppo_epochs
+    tx = make_ppo_optimizer(config) if tx is None else tx
 
     def loss_fn(params, batch):
-        out = module.apply(
-            {"params": params}, batch["input_ids"], batch["attention_mask"], batch["position_ids"],
-            deterministic=True,
+        # The heads run on the response window only: logits [mb, N, V], values [mb, N].
+        N = batch["masks"].shape[1]
+        P = batch["input_ids"].shape[1] - N
+        out = apply_windowed(
+            module, {"params": params}, batch["input_ids"], batch["attention_mask"], batch["position_ids"],
+            deterministic=True, logits_window=response_window(P, N),
         )
-        logits = out.logits[:, :-1]
-        logprobs = logprobs_from_logits(logits, batch["input_ids"][:, 1:])
-        vpreds = out.values[:, :-1].astype(jnp.float32)
+        logprobs, entropy = logprobs_and_entropy(out.logits, batch["input_ids"][:, P:])
+        vpreds = out.values.astype(jnp.float32)
         pg_loss, vf_loss, stats = ppo_loss(
-            batch["logprobs"], batch["values"], logits, vpreds, logprobs, batch["masks"], batch["advantages"],
+            batch["logprobs"], batch["values"], None, vpreds, logprobs, batch["masks"], batch["advantages"],
             batch["returns"], cliprange=config.cliprange, cliprange_value=config.cliprange_value,
-            vf_coef=config.vf_coef, ratio_threshold=config.ratio_threshold,
+            vf_coef=config.vf_coef, ratio_threshold=config.ratio_threshold, entropy=entropy,
         )
         return pg_loss + vf_loss, stats
 
@@ -356,14 +384,14 @@ def make_ppo_step(module: Any, config: PPOConfig, *, num_processes: int = 1, mes
         )
         rng, step_key = jax.random.split(state.rng)
         carry = (state.params, state.opt_state, jnp.array(False))
-        epoch = make_epoch(state.tx, data)
+        epoch = make_epoch(tx, data)
         (params, opt_state, _), (mb_stats, ran) = jax.lax.scan(epoch, carry, jax.random.split(step_key, epochs))
         # mb_stats leaves: [epochs, n_bb, GA, ...]; average the minibatches that ran (TRL: stack + mean).
         weight = jnp.broadcast_to(ran[:, None, None], (epochs, n_bb, GA)).astype(jnp.float32)
         train_stats = {}
         for key, v in mb_stats.items():
             if key in ("policy/advantages", "policy/ratio"):
-                # TRL: flattened, not averaged. Static shape [epochs * B * T]: epochs skipped by
+                # TRL: flattened, not averaged. Static shape [epochs * B * N]: epochs skipped by
                 # early stopping are a STATS_PADDING tail; drop_skipped_epochs cuts it host-side.
                 train_stats[key] = jnp.nan_to_num(v, nan=STATS_PADDING).reshape(-1)
             elif key != "skipped":
@@ -397,7 +425,7 @@ PER_TOKEN_TRAIN_KEYS = ("ppo/policy/advantages", "ppo/policy/ratio")
 
 def drop_skipped_epochs(stats: Dict[str, Any], ppo_epochs: int) -> Dict[str, Any]:
     """Host-side: cut the per-token train stats (``PER_TOKEN_TRAIN_KEYS``, flat
-    ``[ppo_epochs * B * T]``) to the ``ppo/epochs_run`` epochs that ran, as TRL leaves the
+    ``[ppo_epochs * B * N]``) to the ``ppo/epochs_run`` epochs that ran, as TRL leaves the
     epochs skipped by early stopping out of its stats. ``stats``: numpy values of ``ppo_step``."""
     ran = int(round(float(stats["ppo/epochs_run"])))
     out = dict(stats)
@@ -421,58 +449,95 @@ SCALAR_STAT_KEYS = (
 )
 
 
-def make_train(
-    module: Any,
-    config: PPOConfig,
-    generate_fn: Callable,
-    reward_fn: Callable[[Rollout], Array],
-    prompts: Array,
-    prompt_mask: Array,
-    num_steps: int,
-) -> Callable:
-    """``train(state) -> (state, stats)``: ``num_steps`` PPO iterations in one ``lax.scan``.
-
-    Each iteration samples ``batch_size`` prompts (without replacement) from the bank
-    ``prompts`` [num_prompts, P], rolls out, scores with the JAX ``reward_fn(rollout) -> [B]``
-    (raw scores, logged as ``env/reward_mean``) and runs ``ppo_step``. ``stats`` holds the
-    scalar stats in ``SCALAR_STAT_KEYS`` plus ``env/reward_mean``, each ``[num_steps]``
-    (``ppo/skipped_nonfinite_scores`` counts the iterations whose rewards were not finite and
-    were therefore skipped). The prompt bank must be left-padded and ``reward_fn`` must
-    return ``[batch_size]``; both are checked up front with a ``ValueError``.
-    jit it (``jax.jit(train)``); ``jax.vmap`` over states trains several seeds at once.
-    """
+def check_prompt_bank(prompts: Any, prompt_mask: Any, batch_size: int) -> None:
+    """Host-side checks of a prompt bank (``make_train``'s ``train`` runs them on concrete
+    arguments; under ``jax.jit`` only the shapes are checked, so call this first): rank 2,
+    equal shapes, at least ``batch_size`` prompts, left padding. Raises ``ValueError``."""
     chex.assert_rank([prompts, prompt_mask], 2)
-    if not isinstance(prompt_mask, jax.core.Tracer):  # a concrete bank: check its padding up front
+    chex.assert_equal_shape([prompts, prompt_mask])
+    n = prompts.shape[0]
+    if n < batch_size:
+        raise ValueError(f"The prompt bank has {n} prompts, fewer than batch_size={batch_size}.")
+    if not isinstance(prompt_mask, jax.core.Tracer):  # a concrete bank: check its padding
         from rljax.generation import _check_left_padded
 
         try:
             _check_left_padded(prompt_mask)
         except ValueError as e:
             raise ValueError(f"make_train: prompt_mask: {e}") from None
-    prompts, prompt_mask = jnp.asarray(prompts), jnp.asarray(prompt_mask)  # numpy banks cannot take traced indices
-    n = prompts.shape[0]
-    if n < config.batch_size:
-        raise ValueError(f"The prompt bank has {n} prompts, fewer than batch_size={config.batch_size}.")
-    rollout_fn = make_rollout(module, generate_fn, config.kl_penalty)
-    ppo_step = make_ppo_step(module, config)
 
-    def _update_step(state: PPOTrainState, _):
-        rng, k_idx, k_gen = jax.random.split(state.rng, 3)
+
+def make_train(
+    module: Any,
+    config: PPOConfig,
+    generate_fn: Callable,
+    reward_fn: Callable[[Any, Rollout], Array],
+    num_steps: int,
+    *,
+    tx: Optional[optax.GradientTransformation] = None,
+) -> Callable:
+    """``train(state, reward_params, prompts, prompt_mask) -> (state, stats)``: ``num_steps`` PPO
+    iterations in one ``lax.scan``.
+
+    Large things are ARGUMENTS, not closures (a closed-over array is a constant baked into the
+    compiled program): the reward model's params ``reward_params`` (any pytree, None for a
+    parameter-free reward) and the left-padded prompt bank ``prompts``/``prompt_mask``
+    [num_prompts, P]. Each iteration takes ``batch_size`` prompts, rolls out, scores with the
+    JAX ``reward_fn(reward_params, rollout) -> [B]`` (raw scores, logged as
+    ``env/reward_mean``) and runs ``ppo_step`` (built with ``tx``, default the config's Adam).
+
+    Prompt sampling: epochs over the bank. At the start of ``train`` and whenever an epoch is
+    used up, one permutation of the bank is drawn (keys from ``state.rng``); iteration ``i`` of
+    an epoch takes its ``i``-th block of ``batch_size`` prompts, so prompts are drawn without
+    replacement within an epoch and the last ``num_prompts % batch_size`` of each permutation
+    are left out of that epoch (``drop_last``). The bank is permuted once per
+    ``num_prompts // batch_size`` iterations, not every iteration; each ``train`` call starts a
+    fresh epoch.
+
+    ``stats`` holds the scalar stats in ``SCALAR_STAT_KEYS`` plus ``env/reward_mean``, each
+    ``[num_steps]`` (``ppo/skipped_nonfinite_scores`` counts the iterations whose rewards were
+    not finite and were therefore skipped). ``reward_fn`` must return ``[batch_size]`` (checked
+    at trace time); the bank is checked by ``check_prompt_bank`` (its padding only when
+    concrete). ``jax.jit(train)``; ``jax.vmap(train, in_axes=(0, None, None, None))`` trains
+    several seeds at once.
+    """
+    B = config.batch_size
+    rollout_fn = make_rollout(module, generate_fn, config.kl_penalty, chunk_size=config.mini_batch_size)
+    ppo_step = make_ppo_step(module, config, tx=tx)
+
+    def train(state: PPOTrainState, reward_params: Any, prompts: Array, prompt_mask: Array):
+        check_prompt_bank(prompts, prompt_mask, B)
+        prompts, prompt_mask = jnp.asarray(prompts), jnp.asarray(prompt_mask)
+        n = prompts.shape[0]
+        per_epoch = n // B
+        rng, epoch_key = jax.random.split(state.rng)
         state = state.replace(rng=rng)
-        idx = jax.random.choice(k_idx, n, (config.batch_size,), replace=False)
-        rollout = rollout_fn(state, prompts[idx], prompt_mask[idx], k_gen)
-        scores = reward_fn(rollout)
-        if jnp.shape(scores) != (config.batch_size,):
-            raise ValueError(
-                f"reward_fn must return one score per rollout row, shape ({config.batch_size},); it returned shape "
-                f"{jnp.shape(scores)}. Reduce per-token rewards to a sequence score (e.g. .sum(-1))."
-            )
-        state, stats = ppo_step(state, rollout, scores)
-        out = {k: stats[k] for k in SCALAR_STAT_KEYS}
-        out["env/reward_mean"] = jnp.mean(scores)
-        return state, out
 
-    def train(state: PPOTrainState):
-        return jax.lax.scan(_update_step, state, None, length=num_steps)
+        def _update_step(carry, i):
+            state, order = carry
+            slot = i % per_epoch
+            order = jax.lax.cond(  # a new permutation only when an epoch starts
+                (slot == 0) & (i > 0),
+                lambda: jax.random.permutation(jax.random.fold_in(epoch_key, i // per_epoch), n),
+                lambda: order,
+            )
+            idx = jax.lax.dynamic_slice_in_dim(order, slot * B, B)
+            rng, k_gen = jax.random.split(state.rng)
+            state = state.replace(rng=rng)
+            rollout = rollout_fn(state, prompts[idx], prompt_mask[idx], k_gen)
+            scores = reward_fn(reward_params, rollout)
+            if jnp.shape(scores) != (B,):
+                raise ValueError(
+                    f"reward_fn must return one score per rollout row, shape ({B},); it returned shape "
+                    f"{jnp.shape(scores)}. Reduce per-token rewards to a sequence score (e.g. .sum(-1))."
+                )
+            state, stats = ppo_step(state, rollout, scores)
+            out = {k: stats[k] for k in SCALAR_STAT_KEYS}
+            out["env/reward_mean"] = jnp.mean(scores)
+            return (state, order), out
+
+        order = jax.random.permutation(jax.random.fold_in(epoch_key, 0), n)
+        (state, _), stats = jax.lax.scan(_update_step, (state, order), jnp.arange(num_steps))
+        return state, stats
 
     return train

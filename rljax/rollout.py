@@ -6,11 +6,14 @@ other. Everything here is pure and jittable; nothing is jitted here.
 Sequence layout: ``input_ids = [left-padded query (P) | right-padded response (N)]``.
 Because queries are left-padded, every row's response starts at column ``P``, so the
 distributions that score the response tokens sit at the FIXED columns ``P-1 .. P+N-2``
-(the "response window"): ``response_logprobs`` returns ``[B, N]`` arrays,
-``logprobs[:, j] = log p(responses[:, j] | query, responses[:, :j])``.
+(the "response window"). The LM head (and the value head) run on that window only
+(``logits_window=(P-1, N)``), so every per-token array is ``[B, N]``, aligned with the
+responses: ``logprobs[:, j] = log p(responses[:, j] | query, responses[:, :j])``.
 
-PPO's ``Rollout`` keeps TRL's shifted ``[B, P+N-1]`` layout: position ``t`` is about
-predicting token ``t+1``, and ``masks[:, t] = 1`` iff token ``t+1`` is a real response token.
+Memory: forwards run ``chunk_size`` rows at a time (``chunked_rows``; PPO passes
+``mini_batch_size``, TRL's ``batched_forward_pass``), so the activations and the
+``[rows, N, V]`` logits are those of one chunk whatever the batch size. The log-prob of
+the taken token and the entropy come from one ``logsumexp`` (``logprobs_and_entropy``).
 
 Reference model: ``ref_params=None`` means "the reference is ``ref_module`` applied to the
 POLICY's params" (PEFT: the same LoRA-wrapped module with adapters disabled, no second copy
@@ -25,8 +28,8 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from rljax.core import entropy_from_logits, logprobs_from_logits
-from rljax.models.attention import default_position_ids
+from rljax.core import logprobs_and_entropy
+from rljax.models.attention import apply_windowed, default_position_ids
 from rljax.ppo import kl_penalty
 from rljax.sharding import constrain_batch
 
@@ -51,12 +54,17 @@ class ResponseScores:
 
 def sequence_inputs(queries: Array, query_mask: Array, responses: Array, response_mask: Array):
     """``(input_ids, attention_mask, position_ids, masks)`` of ``[query | response]``:
-    ids/mask/positions [B, P+N]; ``masks`` [B, P+N-1] float32, 1 where token t+1 is a response token."""
+    ids/mask/positions [B, P+N]; ``masks`` [B, N] float32, the response mask (1 where the
+    response token counts), aligned with the response window."""
     input_ids = jnp.concatenate([queries, responses], axis=1)
     attention_mask = jnp.concatenate([query_mask, response_mask], axis=1).astype(jnp.int32)
     position_ids = default_position_ids(attention_mask)
-    masks = jnp.concatenate([jnp.zeros_like(query_mask[:, 1:]), response_mask], axis=1).astype(jnp.float32)
-    return input_ids, attention_mask, position_ids, masks
+    return input_ids, attention_mask, position_ids, response_mask.astype(jnp.float32)
+
+
+def response_window(query_len: int, response_len: int) -> tuple:
+    """``logits_window`` of the response tokens: ``(P-1, N)`` (columns ``P-1 .. P+N-2``)."""
+    return (query_len - 1, response_len)
 
 
 def _check_pair(queries, query_mask, responses, response_mask) -> None:
@@ -69,8 +77,14 @@ def _check_pair(queries, query_mask, responses, response_mask) -> None:
 def chunked_rows(fn: Callable, chunk_size: Optional[int], *arrays: Any) -> Any:
     """``fn(*arrays)`` computed ``chunk_size`` rows at a time (``lax.map`` over chunks), so the
     peak memory of ``fn``'s intermediates is that of one chunk. ``arrays``: pytrees whose
-    leaves are [B, ...]; ``fn``'s output leaves must be [rows, ...] (None leaves pass through).
-    ``chunk_size`` None (or >= B) calls ``fn`` once. B must be a multiple of ``chunk_size``."""
+    leaves are [B, ...]; ``fn`` maps rows to rows (output leaves [rows, ...]; None passes).
+    ``chunk_size`` None (or >= B) calls ``fn`` once; B must be a multiple of ``chunk_size``.
+
+    Chunk ``k`` holds rows ``k, k + n, k + 2n, ...`` (``n = B // chunk_size``): on a mesh the
+    batch axis is split in contiguous blocks, so every chunk keeps its rows spread over all
+    devices (each chunk is constrained to the batch axes) instead of sitting on one of them.
+    Rows are independent (eval mode), so the results do not depend on the grouping.
+    """
     leaves = jax.tree_util.tree_leaves(arrays)
     B = leaves[0].shape[0]
     if chunk_size is None or chunk_size >= B:
@@ -81,9 +95,15 @@ def chunked_rows(fn: Callable, chunk_size: Optional[int], *arrays: Any) -> Any:
             "(set mini_batch_size to a divisor of batch_size)."
         )
     n = B // chunk_size
-    split = jax.tree_util.tree_map(lambda x: x.reshape(n, chunk_size, *x.shape[1:]), arrays)
-    out = jax.lax.map(lambda xs: fn(*xs), split)
-    return jax.tree_util.tree_map(lambda x: x.reshape(B, *x.shape[2:]), out)
+    split = jax.tree_util.tree_map(lambda x: jnp.swapaxes(x.reshape(chunk_size, n, *x.shape[1:]), 0, 1), arrays)
+    split = constrain_batch(split, batch_axis=1)  # [n, chunk, ...]: each chunk's rows on every device
+    out = jax.lax.map(lambda xs: fn(*constrain_batch(xs)), split)
+    return jax.tree_util.tree_map(lambda x: jnp.swapaxes(x, 0, 1).reshape(B, *x.shape[2:]), out)
+
+
+def _window_forward(module, params, input_ids, attention_mask, position_ids, window):
+    return apply_windowed(module, {"params": params}, input_ids, attention_mask, position_ids,
+                          deterministic=True, logits_window=window)
 
 
 def response_logprobs(
@@ -100,49 +120,44 @@ def response_logprobs(
 ) -> ResponseScores:
     """Score ``responses`` [B, N] (right-padded) after ``queries`` [B, P] (left-padded).
 
-    One forward pass of ``module`` (eval mode, no dropout) over ``[query | response]``;
-    the log-probs of the taken tokens come from the response window only (columns
-    ``P-1 .. P+N-2``). ``return_values`` needs a value-head module (``.values``);
-    ``chunk_size``: rows per forward (see ``chunked_rows``). Returns ``ResponseScores``
-    with [B, N] float32 arrays (positions where ``response_mask`` is 0 hold finite junk).
+    One forward pass of ``module`` (eval mode, no dropout) over ``[query | response]``, with
+    the LM head on the response window only. ``return_values`` needs a value-head module
+    (``.values``); ``chunk_size``: rows per forward (see ``chunked_rows``). Returns
+    ``ResponseScores`` with [B, N] float32 arrays (finite junk where ``response_mask`` is 0).
     """
     _check_pair(queries, query_mask, responses, response_mask)
-    P, N = queries.shape[1], responses.shape[1]
+    window = response_window(queries.shape[1], responses.shape[1])
 
     def score(q, qm, r, rm):
         input_ids, attention_mask, position_ids, _ = sequence_inputs(q, qm, r, rm)
-        input_ids, attention_mask, position_ids = constrain_batch((input_ids, attention_mask, position_ids))
-        out = module.apply({"params": params}, input_ids, attention_mask, position_ids, deterministic=True)
-        logits = out.logits[:, P - 1 : P + N - 1]
-        logprobs = logprobs_from_logits(logits, r)
-        values = out.values[:, P - 1 : P + N - 1].astype(jnp.float32) if return_values else None
-        entropy = None
-        if return_entropy:
-            entropy = entropy_from_logits(logits)
+        out = _window_forward(module, params, input_ids, attention_mask, position_ids, window)
+        logprobs, entropy = logprobs_and_entropy(out.logits, r, with_entropy=return_entropy)
+        values = out.values.astype(jnp.float32) if return_values else None
         return ResponseScores(logprobs=logprobs, values=values, entropy=entropy)
 
     return chunked_rows(score, chunk_size, queries, query_mask, responses, response_mask)
 
 
 # ==========================================================================
-# PPO's rollout (TRL's batched_forward_pass), [B, P+N-1]
+# PPO's rollout (TRL's batched_forward_pass), [B, N]
 # ==========================================================================
 
 
 @flax.struct.dataclass
 class Rollout:
-    """One batch of experience. ``B`` batch, ``P`` query length, ``N`` response
-    length, ``T = P + N - 1`` (TRL's shifted length)."""
+    """One batch of experience. ``B`` batch, ``P`` query length, ``N`` response length.
+    Per-token arrays are [B, N], aligned with ``responses`` (TRL keeps the shifted
+    ``[B, P+N-1]`` layout; its query columns are masked out and never read)."""
 
     queries: Array  # [B, P] left-padded
     query_mask: Array  # [B, P]
     responses: Array  # [B, N] right-padded
     response_mask: Array  # [B, N]
-    logprobs: Array  # [B, T] policy log-probs of token t+1 (rollout = "old")
-    ref_logprobs: Array  # [B, T]
-    values: Array  # [B, T]
-    masks: Array  # [B, T] 1 where token t+1 is a response token
-    kls: Optional[Array] = None  # [B, T] precomputed for kl_penalty="full" (needs full distributions)
+    logprobs: Array  # [B, N] policy log-prob of response token j (rollout = "old")
+    ref_logprobs: Array  # [B, N]
+    values: Array  # [B, N] value at the position that predicts token j
+    masks: Array  # [B, N] float, 1 where token j counts (response_mask, times any extra mask)
+    kls: Optional[Array] = None  # [B, N] precomputed for kl_penalty="full" (needs full distributions)
 
     @property
     def input_ids(self) -> Array:
@@ -153,37 +168,49 @@ class Rollout:
         return jnp.concatenate([self.query_mask, self.response_mask], axis=1)
 
 
-def make_forward_rollout(module: Any, kl_penalty_mode: str = "kl", ref_module: Optional[Any] = None) -> Callable:
+def make_forward_rollout(
+    module: Any, kl_penalty_mode: str = "kl", ref_module: Optional[Any] = None, chunk_size: Optional[int] = None
+) -> Callable:
     """``forward(params, ref_params, queries, query_mask, responses, response_mask) -> Rollout``.
 
-    ``module``'s output must have ``.logits`` [B, S, V] and ``.values`` [B, S] (a value-head
-    model); ``ref_module`` (default: ``module``) only needs ``.logits``. ``ref_params=None``:
-    the reference is ``ref_module`` applied to ``params`` (PEFT: adapters off). Eval mode (no
-    dropout), as TRL's ``batched_forward_pass``. Not jitted itself: call it inside your own jit.
+    ``module``'s output must have ``.logits`` and ``.values`` (a value-head model);
+    ``ref_module`` (default: ``module``) only needs ``.logits``. ``ref_params=None``: the
+    reference is ``ref_module`` applied to ``params`` (PEFT: adapters off). Eval mode (no
+    dropout), as TRL's ``batched_forward_pass``; ``chunk_size`` rows at a time (PPO:
+    ``mini_batch_size``). Not jitted itself: call it inside your own jit.
     """
     ref_module = module if ref_module is None else ref_module
+    full_kl = kl_penalty_mode == "full"
 
     def forward(params, ref_params, queries, query_mask, responses, response_mask) -> Rollout:
         _check_pair(queries, query_mask, responses, response_mask)
-        input_ids, attention_mask, position_ids, masks = sequence_inputs(queries, query_mask, responses, response_mask)
-        input_ids, attention_mask, position_ids = constrain_batch((input_ids, attention_mask, position_ids))
+        window = response_window(queries.shape[1], responses.shape[1])
         ref_p = params if ref_params is None else ref_params
-        out = module.apply({"params": params}, input_ids, attention_mask, position_ids, deterministic=True)
-        ref_out = ref_module.apply({"params": ref_p}, input_ids, attention_mask, position_ids, deterministic=True)
-        labels = input_ids[:, 1:]
-        logits, ref_logits = out.logits[:, :-1], ref_out.logits[:, :-1]
-        kls = None
-        if kl_penalty_mode == "full":
-            kls = kl_penalty(jax.nn.log_softmax(logits, -1), jax.nn.log_softmax(ref_logits, -1), "full")
+
+        def score(q, qm, r, rm):
+            input_ids, attention_mask, position_ids, _ = sequence_inputs(q, qm, r, rm)
+            input_ids, attention_mask, position_ids = constrain_batch((input_ids, attention_mask, position_ids))
+            out = _window_forward(module, params, input_ids, attention_mask, position_ids, window)
+            ref_out = _window_forward(ref_module, ref_p, input_ids, attention_mask, position_ids, window)
+            logprobs, _ = logprobs_and_entropy(out.logits, r, with_entropy=False)
+            ref_logprobs, _ = logprobs_and_entropy(ref_out.logits, r, with_entropy=False)
+            kls = None
+            if full_kl:
+                kls = kl_penalty(jax.nn.log_softmax(out.logits, -1), jax.nn.log_softmax(ref_out.logits, -1), "full")
+            return logprobs, ref_logprobs, out.values.astype(jnp.float32), kls
+
+        logprobs, ref_logprobs, values, kls = chunked_rows(
+            score, chunk_size, queries, query_mask, responses, response_mask
+        )
         return Rollout(
             queries=queries,
             query_mask=query_mask,
             responses=responses,
             response_mask=response_mask,
-            logprobs=logprobs_from_logits(logits, labels),
-            ref_logprobs=logprobs_from_logits(ref_logits, labels),
-            values=out.values[:, :-1].astype(jnp.float32),
-            masks=masks,
+            logprobs=logprobs,
+            ref_logprobs=ref_logprobs,
+            values=values,
+            masks=response_mask.astype(jnp.float32),
             kls=kls,
         )
 
@@ -191,17 +218,22 @@ def make_forward_rollout(module: Any, kl_penalty_mode: str = "kl", ref_module: O
 
 
 def make_rollout(
-    module: Any, generate_fn: Callable, kl_penalty_mode: str = "kl", ref_module: Optional[Any] = None
+    module: Any,
+    generate_fn: Callable,
+    kl_penalty_mode: str = "kl",
+    ref_module: Optional[Any] = None,
+    chunk_size: Optional[int] = None,
 ) -> Callable:
     """``rollout(state, prompts [B, P], prompt_mask [B, P], rng) -> Rollout``: generate and
     score in one function (jit it, or call it inside a jitted loop). ``state``: anything with
     ``.params`` and ``.ref_params`` (e.g. ``rljax.ppo_train.PPOTrainState``); ``ref_params``
-    None means ``ref_module`` on the policy's params (see ``make_forward_rollout``).
+    None means ``ref_module`` on the policy's params (see ``make_forward_rollout``, as is
+    ``chunk_size``).
 
     ``generate_fn(params, input_ids, attention_mask, rng)`` returns an object with
     ``.sequences`` [B, P+N] and ``.response_mask`` [B, N] (see ``rljax.generation.make_generate_fn``).
     """
-    forward = make_forward_rollout(module, kl_penalty_mode, ref_module)
+    forward = make_forward_rollout(module, kl_penalty_mode, ref_module, chunk_size)
 
     def rollout(state: Any, prompts: Array, prompt_mask: Array, rng: Array) -> Rollout:
         gen = generate_fn(state.params, prompts, prompt_mask, rng)
@@ -218,5 +250,6 @@ __all__ = [
     "make_forward_rollout",
     "make_rollout",
     "response_logprobs",
+    "response_window",
     "sequence_inputs",
 ]

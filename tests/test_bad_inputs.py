@@ -414,35 +414,35 @@ def _make_train(env, prompts=None, mask=None, reward=None, batch_size=2):
     from rljax.ppo import PPOConfig
     from rljax.ppo_train import make_train
 
+    from rljax.ppo_train import PPOTrainState
+
     model = env.vmodel
     prompts = np.full((4, 3), 5, np.int32) if prompts is None else prompts
     mask = np.ones_like(prompts) if mask is None else mask
-    reward = reward or (lambda r: r.response_mask.sum(-1).astype(jnp.float32))
+    reward = reward or (lambda _, r: r.response_mask.sum(-1).astype(jnp.float32))
     gen = make_generate_fn(model.module, max_new_tokens=2, pad_token_id=0, jit=False)
-    return make_train(model.module, PPOConfig(batch_size=batch_size, mini_batch_size=2), gen, reward, prompts, mask, 1)
+    config = PPOConfig(batch_size=batch_size, mini_batch_size=2)
+    train = make_train(model.module, config, gen, reward, 1)
+    state = PPOTrainState.create(model.params, model.params, config)
+    return lambda run=train: run(state, None, prompts, mask)  # the bank is an argument of train
 
 
 @case(ValueError, r"prompt_mask.*right-padded.*padding_side = 'left'")
 def train_right_padded_prompt_bank(env):
-    _make_train(env, mask=np.asarray([[1, 1, 0], [1, 1, 1], [1, 1, 1], [1, 1, 1]], np.int32))
+    _make_train(env, mask=np.asarray([[1, 1, 0], [1, 1, 1], [1, 1, 1], [1, 1, 1]], np.int32))()
 
 
 @case(ValueError, "The prompt bank has 4 prompts, fewer than batch_size=8")
 def train_prompt_bank_smaller_than_batch(env):
-    _make_train(env, batch_size=8)
+    _make_train(env, batch_size=8)()
 
 
 @case(ValueError, r"reward_fn must return one score per rollout row, shape \(2,\).*\.sum\(-1\)")
 def train_reward_fn_per_token(env):
     import jax
 
-    from rljax.ppo_train import PPOTrainState
-
-    train = _make_train(env, reward=lambda r: r.response_mask.astype("float32"))
-    from rljax.ppo import PPOConfig
-
-    state = PPOTrainState.create(env.vmodel.params, env.vmodel.params, PPOConfig(batch_size=2, mini_batch_size=2))
-    jax.eval_shape(train, state)
+    run = _make_train(env, reward=lambda _, r: r.response_mask.astype("float32"))
+    jax.eval_shape(run)
 
 
 # --------------------------------------------------------------------------

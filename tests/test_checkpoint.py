@@ -234,7 +234,7 @@ def test_ppo_resume_from_checkpoint_is_bitwise_identical(tmp_path):
     ck = Checkpointer(str(tmp_path / "ppo"), resume=True)
     state, extra = ck.restore(target_state=jax.eval_shape(fresh))
     ck.close()
-    assert state.kl.adaptive and state.kl.target == 0.01 and state.tx is not None  # static fields from the template
+    assert state.kl.adaptive and state.kl.target == 0.01  # static fields from the template
     stats_b = []
     for i in range(extra["iteration"], k + m):
         state, stats = iteration(state, i)

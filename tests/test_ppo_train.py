@@ -31,7 +31,7 @@ from rljax.models.gpt2 import GPT2Config
 from rljax.models.heads import AutoModelForCausalLMWithValueHead
 from rljax.models.hub import family_of, params_to_state_dict
 from rljax.ppo import PPOConfig
-from rljax.ppo_train import PPOTrainState, make_forward_rollout, make_ppo_optimizer, make_ppo_step, make_train
+from rljax.ppo_train import PPOTrainState, make_forward_rollout, make_ppo_step, make_train
 
 VOCAB, PAD = 48, 0
 HF_CONFIG = dict(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2, n_positions=32, resid_pdrop=0.0,
@@ -143,12 +143,8 @@ def rollout_for(models, config, queries=QUERIES, responses=RESPONSES):
 
 
 def fresh_state(models, name):
-    """A fresh state. The optimizer is a static field of the state, so it is built once per
-    config: a new optax object would be a new jit cache key (a recompilation)."""
-    key = ("tx", name)
-    if key not in _JITTED:
-        _JITTED[key] = make_ppo_optimizer(config_of(name))
-    return PPOTrainState.create(models["params"], models["ref_params"], config_of(name), tx=_JITTED[key])
+    """A fresh state (the config's default optimizer, as the jitted step's)."""
+    return PPOTrainState.create(models["params"], models["ref_params"], config_of(name))
 
 
 def run_step(models, name, scores=SCORES, queries=QUERIES, responses=RESPONSES, state=None):
@@ -468,8 +464,8 @@ def test_ppo_step_matches_trl_0_7_11_math(request, name):
 
     # Per-token quantities: the same response positions in both layouts.
     rlen = [len(r) for r in RESPONSES]
-    P = rollout.queries.shape[1]
-    ours_off, trl_off = [P - 1] * 4, [len(q) - 1 for q in QUERIES]
+    assert rollout.logprobs.shape == rollout.responses.shape  # [B, N]: the response window only
+    ours_off, trl_off = [0] * 4, [len(q) - 1 for q in QUERIES]
     np.testing.assert_array_equal(_response_values(ref["masks"], rlen, trl_off), 1)
     assert ref["masks"].sum() == np.asarray(rollout.masks).sum() == sum(rlen)
     for key in ("logprobs", "ref_logprobs"):
@@ -627,10 +623,11 @@ def test_make_train_learns_a_token_counting_reward_for_two_seeds_at_once():
     config = PPOConfig(batch_size=32, mini_batch_size=8, ppo_epochs=4, learning_rate=1e-3, seed=0)
     prompts = np.random.RandomState(0).randint(7, vocab, (64, 4)).astype(np.int32)
     generate_fn = make_generate_fn(model.module, max_new_tokens=8, do_sample=True, pad_token_id=PAD, jit=False)
-    train = make_train(model.module, config, generate_fn, count_target_tokens, prompts, np.ones_like(prompts), 12)
+    train = make_train(model.module, config, generate_fn, lambda _, rollout: count_target_tokens(rollout), 12)
     state = PPOTrainState.create(model.params, model.params, config)
     states = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), state, state.replace(rng=jax.random.PRNGKey(1)))
-    final, stats = jax.jit(jax.vmap(train))(states)
+    # seeds batched, the (reward params, prompt bank) arguments shared
+    final, stats = jax.jit(jax.vmap(train, in_axes=(0, None, None, None)))(states, None, prompts, np.ones_like(prompts))
 
     reward = np.asarray(stats["env/reward_mean"])  # [2 seeds, 12 steps]
     kl = np.asarray(stats["objective/kl"])
@@ -644,9 +641,58 @@ def test_make_train_learns_a_token_counting_reward_for_two_seeds_at_once():
     assert np.all(np.asarray(stats["objective/kl_coef"])[:, -1] < 0.2)  # adaptive: KL below target 6 early on
 
 
-def test_equal_configs_share_the_default_optimizer_so_ppo_step_compiles_once():
+def test_the_optimizer_belongs_to_the_step_so_new_states_do_not_recompile(models):
+    """``PPOTrainState`` holds no optax object (all leaves): states created with fresh optimizer
+    objects of equal settings run through one jitted ``ppo_step`` without a recompile."""
     from rljax.ppo_train import make_ppo_optimizer
 
-    a, b = PPOConfig(learning_rate=1e-4), PPOConfig(learning_rate=1e-4, seed=3)
-    assert make_ppo_optimizer(a) is make_ppo_optimizer(b)
-    assert make_ppo_optimizer(a) is not make_ppo_optimizer(PPOConfig(learning_rate=2e-4))
+    config = config_of("kl")
+    step = jitted(models, "kl")
+    a = PPOTrainState.create(models["params"], models["ref_params"], config, tx=make_ppo_optimizer(config))
+    b = PPOTrainState.create(models["params"], models["ref_params"], config, tx=make_ppo_optimizer(config))
+    assert all(isinstance(x, jax.Array) for x in jax.tree_util.tree_leaves(a))
+    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+    rollout = rollout_for(models, config)
+    step(a, rollout, jnp.asarray(SCORES))
+    size = step._cache_size()
+    step(b, rollout, jnp.asarray(SCORES))
+    assert step._cache_size() == size
+
+
+def test_make_train_takes_reward_params_and_prompt_bank_as_arguments(models):
+    """Large things are arguments: a 4096-prompt bank and a reward table passed to ``train``
+    leave no bank- or table-sized constant in the lowered program (closing over them would
+    bake both in); prompts are drawn epoch-wise from the bank."""
+    import re
+
+    config = PPOConfig(batch_size=4, mini_batch_size=2, ppo_epochs=1, seed=0)
+    bank = np.random.RandomState(1).randint(3, VOCAB, (4096, 3)).astype(np.int32)
+    reward_table = np.linspace(-1, 1, VOCAB).astype(np.float32)  # "reward model params"
+
+    def reward_fn(table, rollout):
+        return jnp.sum(table[rollout.responses] * rollout.response_mask, axis=-1)
+
+    gen = make_generate_fn(models["module"], max_new_tokens=3, pad_token_id=PAD, jit=False)
+    train = make_train(models["module"], config, gen, reward_fn, 2)
+    state = PPOTrainState.create(models["params"], models["ref_params"], config)
+    text = jax.jit(train).lower(state, reward_table, bank, np.ones_like(bank)).as_text()
+    constants = re.findall(r"stablehlo\.constant dense<.*?> : tensor<([\dx]+)x\w+>", text)
+    sizes = [math.prod(int(d) for d in c.split("x")) for c in constants]
+    assert not sizes or max(sizes) < 1024, max(sizes)
+    assert len(text) < 2_000_000
+
+
+def test_make_train_draws_each_prompt_once_per_epoch(models):
+    """16 prompts, batch 4: 4 iterations are one epoch, so every prompt is used exactly once
+    (the summed first tokens of the sampled queries equal the bank's)."""
+    config = PPOConfig(batch_size=4, mini_batch_size=4, ppo_epochs=1, seed=0)
+    bank = np.stack([np.arange(3, 19), np.full(16, 5)], axis=1).astype(np.int32)
+
+    def first_token(_, rollout):
+        return rollout.queries[:, 0].astype(jnp.float32)
+
+    gen = make_generate_fn(models["module"], max_new_tokens=2, pad_token_id=PAD, jit=False)
+    train = jax.jit(make_train(models["module"], config, gen, first_token, 4))
+    state = PPOTrainState.create(models["params"], models["ref_params"], config)
+    _, stats = train(state, None, bank, np.ones_like(bank))
+    assert float(np.sum(np.asarray(stats["env/reward_mean"]) * 4)) == float(bank[:, 0].sum())

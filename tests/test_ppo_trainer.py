@@ -140,7 +140,7 @@ def test_step_with_response_masks_masks_the_stats(trainer, tokenizer):
     r = np.stack([np.pad(x, (0, N - len(x))) for x in responses])
     rm = np.stack([np.pad(np.ones(len(x), np.int32), (0, N - len(x))) for x in responses])
     rollout = trainer._forward(trainer.state.params, trainer.state.ref_params, q, qm, r, rm)
-    keep = np.concatenate([np.zeros((BATCH, P - 1)), np.stack([np.pad(m, (0, N - len(m))) for m in masks])], 1)
+    keep = np.stack([np.pad(m, (0, N - len(m))) for m in masks])  # [B, N], aligned with the responses
     expected = (-np.asarray(rollout.logprobs) * np.asarray(rollout.masks) * keep).sum(-1).mean()
     unmasked = (-np.asarray(rollout.logprobs) * np.asarray(rollout.masks)).sum(-1).mean()
 
@@ -429,7 +429,7 @@ def test_lr_scheduler_sets_the_rate_of_each_step_and_is_logged(model, tokenizer)
 
 def test_early_stopping_leaves_the_skipped_epochs_out_of_the_stats(trainer, model, tokenizer):
     full = trainer.step(*batch(tokenizer, seed=14))
-    T = 8 + 8 - 1  # one (query, response) bucket
+    T = 8  # one response bucket: per-token stats cover the response window [B, N]
     assert full["ppo/policy/ratio"].size == 2 * BATCH * T
     tr = PPOTrainer(make_config(early_stopping=True, target_kl=-1e9), fresh(model), tokenizer=tokenizer)
     stats = tr.step(*batch(tokenizer, seed=14))
@@ -468,3 +468,28 @@ def test_dataloader_rows_epochs_and_columns(model, tokenizer):
     assert set(next(iter(kept.dataloader))) == {"input_ids", "query"}  # TRL's remove_unused_columns
     everything = PPOTrainer(make_config(remove_unused_columns=False), fresh(model), tokenizer=tokenizer, dataset=ds)
     assert set(next(iter(everything.dataloader))) == {"input_ids", "query", "review"}
+
+
+def test_generate_with_a_length_sampler_compiles_once(trainer, tokenizer):
+    """TRL's ``generate(..., length_sampler=LengthSampler(4, 9))``: every sampled length runs in
+    one compiled program (the sampler's maximum width, the draw a traced limit); the responses
+    are at most the drawn length."""
+    from rljax import generation as G
+    from rljax.core import LengthSampler
+
+    queries, _, _ = batch(tokenizer, seed=5)
+    draws = []
+
+    class Recording(LengthSampler):
+        def __call__(self):
+            draws.append(super().__call__())
+            return draws[-1]
+
+    sampler = Recording(4, 9, rng=1)
+    kw = dict(do_sample=True, top_k=0)
+    before = sum(G.TRACE_COUNTS.values())
+    for _ in range(5):
+        out = trainer.generate(queries, length_sampler=sampler, batch_size=BATCH, return_prompt=False, **kw)
+        assert all(len(r) <= draws[-1] for r in out)
+    assert len(set(draws)) > 1, draws
+    assert sum(G.TRACE_COUNTS.values()) - before <= 1

@@ -73,11 +73,17 @@ def test_rollout_matches_response_scores_and_ref_none_means_policy_params():
     rollout = forward(params, ref_params, q, qm, r, rm)
     pol = _scores_fn(None)(params, q, qm, r, rm)
     ref = _scores_fn(None)(ref_params, q, qm, r, rm)
-    win = lambda x: np.asarray(x)[:, P - 1 :]  # noqa: E731  [B, T] -> the response window [B, N]
-    mask = np.asarray(rm) > 0
-    np.testing.assert_allclose(win(rollout.logprobs)[mask], np.asarray(pol.logprobs)[mask], rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(win(rollout.ref_logprobs)[mask], np.asarray(ref.logprobs)[mask], rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(win(rollout.values)[mask], np.asarray(pol.values)[mask], rtol=1e-6, atol=1e-6)
+    for x in (rollout.logprobs, rollout.ref_logprobs, rollout.values, rollout.masks):
+        assert x.shape == (B, N)  # the response window only, aligned with the responses
+    np.testing.assert_array_equal(np.asarray(rollout.masks), np.asarray(rm))
+    np.testing.assert_allclose(np.asarray(rollout.logprobs), np.asarray(pol.logprobs), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(rollout.ref_logprobs), np.asarray(ref.logprobs), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(rollout.values), np.asarray(pol.values), rtol=1e-6, atol=1e-6)
+    chunked = jax.jit(make_forward_rollout(module, "full", chunk_size=2))(params, ref_params, q, qm, r, rm)
+    for name in ("logprobs", "ref_logprobs", "values"):
+        np.testing.assert_allclose(np.asarray(getattr(chunked, name)), np.asarray(getattr(rollout, name)),
+                                   rtol=1e-6, atol=1e-6, err_msg=name)
+    assert chunked.kls.shape == (B, N) and np.all(np.asarray(chunked.kls) >= -1e-6)  # exact KL of each position
 
     as_policy = forward(params, None, q, qm, r, rm)
     np.testing.assert_allclose(np.asarray(as_policy.ref_logprobs), np.asarray(as_policy.logprobs), atol=0)

@@ -22,8 +22,10 @@ from __future__ import annotations
 import functools
 import math
 import re
+from typing import Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
@@ -260,3 +262,94 @@ def test_dpo_trainer_on_a_mesh_shards_the_reference_and_splits_its_forward(tiny_
     for key in ("reference_chosen_logps", "reference_rejected_logps"):
         np.testing.assert_allclose(np.asarray(got[key]), np.asarray(want[key]), rtol=1e-5, err_msg=key)
         assert got[key].sharding.spec == P(("data", "fsdp")), key  # each device scored its own rows
+
+
+# --------------------------------------------------------------------------
+# Compute only what is used: the LM head on the response window, chunked rollout forwards
+# --------------------------------------------------------------------------
+
+# A vocabulary much wider than the model, as in real LMs (GPT-2: 50257 x 768), so the head's
+# share of the work is visible in a 1-layer model.
+WIDE_VOCAB = 2048
+
+
+@functools.lru_cache(maxsize=None)
+def _wide_value_model():
+    from rljax.models.heads import AutoModelForCausalLMWithValueHead
+
+    lm, lm_params = F.tiny_gpt2(n_layer=1, vocab_size=WIDE_VOCAB)
+    model = AutoModelForCausalLMWithValueHead.from_lm(lm, lm_params, rng=jax.random.PRNGKey(1))
+    return model.module, model.params
+
+
+def _full_head_forward(module):
+    """The rollout forward as before the window: both heads on all P+N columns, then sliced."""
+    from rljax.core import logprobs_from_logits
+    from rljax.rollout import sequence_inputs
+
+    def forward(params, ref_params, q, qm, r, rm):
+        ids, am, pos, _ = sequence_inputs(q, qm, r, rm)
+        P = q.shape[1]
+        out = module.apply({"params": params}, ids, am, pos, deterministic=True)
+        ref = module.apply({"params": ref_params}, ids, am, pos, deterministic=True)
+        win = lambda x: x[:, P - 1 : -1]  # noqa: E731
+        return logprobs_from_logits(win(out.logits), r), logprobs_from_logits(win(ref.logits), r), win(out.values)
+
+    return forward
+
+
+def test_rollout_and_loss_run_the_lm_head_on_the_response_window_only():
+    """Per-device FLOPs of the windowed rollout forward and of the windowed PPO loss gradient vs
+    the same programs with the heads on every column (P = N = 16: the window is half the
+    columns). The numbers are equal (tests/test_rollout.py); the work is measurably less."""
+    from rljax.core import logprobs_from_logits
+    from rljax.models.attention import apply_windowed
+    from rljax.rollout import make_forward_rollout, response_window, sequence_inputs
+
+    module, params = _wide_value_model()
+    q, qm, r, rm = F.ppo_inputs(16, query_len=16, response_len=16)
+    args = (params, params, q, qm, r, rm)
+    windowed = _work(jax.jit(make_forward_rollout(module)).lower(*args).compile())
+    full = _work(jax.jit(_full_head_forward(module)).lower(*args).compile())
+    assert windowed <= 0.75 * full, f"windowed rollout forward: {windowed / full:.3f} of the full-head FLOPs"
+
+    def loss(window):
+        def fn(p):
+            ids, am, pos, _ = sequence_inputs(q, qm, r, rm)
+            if window:
+                out = apply_windowed(module, {"params": p}, ids, am, pos, logits_window=response_window(16, 16))
+                logits, values = out.logits, out.values
+            else:
+                out = module.apply({"params": p}, ids, am, pos)
+                logits, values = out.logits[:, 15:-1], out.values[:, 15:-1]
+            return jnp.sum(logprobs_from_logits(logits, r) * rm) + jnp.sum(values * rm)
+
+        return jax.jit(jax.grad(fn)).lower(params).compile()
+
+    ratio = _work(loss(True)) / _work(loss(False))
+    assert ratio <= 0.75, f"windowed loss gradient: {ratio:.3f} of the full-head FLOPs"
+
+
+def _temp_bytes(compiled) -> Optional[int]:
+    mem = compiled.memory_analysis()
+    return None if mem is None else int(getattr(mem, "temp_size_in_bytes", 0)) or None
+
+
+def test_chunked_rollout_forward_memory_stays_flat_as_the_batch_grows():
+    """``make_forward_rollout(chunk_size=mini_batch_size)``: the compiled program's temporary
+    bytes stay ~flat when batch_size grows 4x (8 -> 32 rows at 4 rows per chunk); without
+    chunks they grow with the batch."""
+    from rljax.rollout import make_forward_rollout
+
+    module, params = _wide_value_model()
+
+    def temp(batch_size, chunk_size):
+        args = (params, params) + tuple(F.ppo_inputs(batch_size, query_len=16, response_len=16))
+        return _temp_bytes(jax.jit(make_forward_rollout(module, chunk_size=chunk_size)).lower(*args).compile())
+
+    small, large = temp(8, 4), temp(32, 4)
+    if small is None:
+        pytest.skip("this backend reports no memory analysis")
+    assert large <= 1.5 * small, f"chunked: temp bytes {small} -> {large} for 4x the rows"
+    unchunked_small, unchunked_large = temp(8, None), temp(32, None)
+    assert unchunked_large >= 2.5 * unchunked_small, (unchunked_small, unchunked_large)

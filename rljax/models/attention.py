@@ -15,7 +15,9 @@ slots ``<= s`` whose mask is 1. Without a cache it is ``[batch, seq]``.
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar, Optional
+import dataclasses
+import inspect
+from typing import Any, ClassVar, Optional, Tuple
 
 import flax
 import flax.linen as nn
@@ -27,8 +29,9 @@ Cache = dict
 
 @flax.struct.dataclass
 class CausalLMOutput:
-    """Model output. ``logits``: [batch, seq, vocab]; ``hidden_states``: the last
-    layer's (after the final norm), [batch, seq, hidden]; ``cache``: updated KV cache or None."""
+    """Model output. ``logits``: [batch, seq, vocab] ([batch, length, vocab] under a
+    ``logits_window``); ``hidden_states``: the last layer's (after the final norm), [batch, seq,
+    hidden]; ``cache``: updated KV cache or None."""
 
     logits: jax.Array
     hidden_states: jax.Array
@@ -134,8 +137,9 @@ def attend(
 
 
 def cache_mask_shape(cache) -> tuple:
-    """(batch, max_length) of a KV cache."""
-    return tuple(cache["layers"][0]["k"].shape[:2])
+    """(batch, max_length) of a KV cache (a list of layers, or one layer-stacked entry)."""
+    layers = cache["layers"]
+    return tuple(layers["k"].shape[1:3]) if isinstance(layers, dict) else tuple(layers[0]["k"].shape[:2])
 
 
 def check_inputs(input_ids, attention_mask, position_ids, cache) -> None:
@@ -166,11 +170,58 @@ def prepare_inputs(input_ids, attention_mask, position_ids, cache):
     return attention_mask, position_ids
 
 
+LogitsWindow = Optional[Tuple[int, int]]
+
+
+def window_positions(x: jax.Array, logits_window: LogitsWindow) -> jax.Array:
+    """``x`` [batch, seq, ...] cut to the static ``logits_window = (start, length)`` columns
+    (None: all of them). A negative ``start`` counts from the end (``(-1, 1)``: the last column)."""
+    if logits_window is None:
+        return x
+    start, length = (int(v) for v in logits_window)
+    seq = x.shape[1]
+    start = start + seq if start < 0 else start
+    if length < 1 or start < 0 or start + length > seq:
+        raise ValueError(
+            f"logits_window={tuple(logits_window)} must select 1 or more of the {seq} positions: "
+            "(start, length) with 0 <= start (or -seq <= start < 0) and start + length <= seq."
+        )
+    return x[:, start : start + length]
+
+
+def supports_logits_window(module: Any) -> bool:
+    """Whether ``module.__call__`` takes ``logits_window`` (every ``CausalLM`` and the value
+    head over one do; a wrapper that does not is still usable: see ``apply_windowed``)."""
+    try:
+        return "logits_window" in inspect.signature(type(module).__call__).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def apply_windowed(module: Any, variables: Any, *args: Any, logits_window: LogitsWindow = None, **kwargs: Any):
+    """``module.apply(variables, *args, **kwargs)`` whose ``.logits`` (and ``.values``, if any)
+    cover only the ``logits_window`` columns: the head runs there alone when the module supports
+    it, otherwise the full output is sliced (same numbers, full cost)."""
+    if logits_window is None:
+        return module.apply(variables, *args, **kwargs)
+    if supports_logits_window(module):
+        return module.apply(variables, *args, logits_window=logits_window, **kwargs)
+    out = module.apply(variables, *args, **kwargs)
+    changes = {"logits": window_positions(out.logits, logits_window)}
+    if getattr(out, "values", None) is not None and not callable(out.values):
+        changes["values"] = window_positions(out.values, logits_window)
+    return out.replace(**changes)
+
+
 class CausalLM(nn.Module):
     """What every family's causal LM shares: checked inputs with default mask/positions, the
     trunk (``trunk_cls`` named ``trunk_name``, returning ``(hidden, cache, embedding)``), then a
     tied or untied ``lm_head``. ``__call__(input_ids [batch, seq], attention_mask=None,
-    position_ids=None, cache=None, deterministic=True) -> CausalLMOutput``."""
+    position_ids=None, cache=None, deterministic=True, logits_window=None) -> CausalLMOutput``.
+
+    ``logits_window = (start, length)`` (static ints): the LM head runs on those columns only,
+    so ``logits`` is [batch, length, vocab] (generation's prefill needs the last column, PPO the
+    response window); ``hidden_states`` stays [batch, seq, hidden]. None: every column."""
 
     config: Any
     dtype: Any = jnp.float32
@@ -191,16 +242,18 @@ class CausalLM(nn.Module):
         position_ids: Optional[jax.Array] = None,
         cache: Optional[dict] = None,
         deterministic: bool = True,
+        logits_window: LogitsWindow = None,
     ) -> CausalLMOutput:
         attention_mask, position_ids = prepare_inputs(input_ids, attention_mask, position_ids, cache)
         hidden, new_cache, embed = self.trunk_cls(self.config, self.dtype, name=self.trunk_name)(
             input_ids, attention_mask, position_ids, cache, deterministic
         )
+        head_in = window_positions(hidden, logits_window)
         if self.config.tie_word_embeddings:
-            logits = embed.attend(hidden)
+            logits = embed.attend(head_in)
         else:
             logits = nn.Dense(self.config.vocab_size, use_bias=self.lm_head_bias, dtype=self.dtype,
-                              name=self.lm_head_name)(hidden)
+                              name=self.lm_head_name)(head_in)
         return CausalLMOutput(logits=logits.astype(jnp.float32), hidden_states=hidden, cache=new_cache)
 
     def init_cache(self, batch_size: int, max_length: int, dtype=None) -> dict:
@@ -211,6 +264,183 @@ class CausalLM(nn.Module):
                 f"max_length {max_length} exceeds the model's {cfg.max_position_embeddings} positions; "
                 "shorten the prompt or max_new_tokens."
             )
-        return init_cache(
+        make = init_stacked_cache if getattr(cfg, "scan_layers", False) else init_cache
+        return make(
             cfg.num_hidden_layers, batch_size, max_length, cfg.num_key_value_heads, cfg.head_dim, dtype or self.dtype
         )
+
+
+# --- the layer stack: per-layer remat and scanned layers -----------------------------------
+#
+# Every family's config carries two options (not written to config.json):
+#   remat_policy: "none" | "full" | "dots"   rematerialise each block in the backward pass
+#                 ("full": keep only the block's input; "dots": also keep matmul outputs
+#                 without batch dims, jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+#   scan_layers:  run the blocks as one nn.scan: params stacked on a leading layer axis under
+#                 the plain name (``h``/``layers``), KV cache stacked the same way, so the
+#                 compiled program holds one block whatever the depth.
+# HF names stay one-to-one on disk: rljax.models.hub expands a stacked ``h/...`` leaf of shape
+# [L, ...] into ``h.0. ... h.{L-1}.`` tensors on save, and stacks them on load.
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+LAYER_OPTION_FIELDS = ("remat_policy", "scan_layers")
+SCANNED_LAYER_NAMES = ("h", "layers")  # the module names of the stack (per layer: h_0, layers_0, ...)
+
+
+def check_layer_options(remat_policy: str, scan_layers: bool) -> None:
+    """Raise a ValueError naming the argument when a layer option is invalid."""
+    if remat_policy not in REMAT_POLICIES:
+        raise ValueError(f"remat_policy must be one of {sorted(REMAT_POLICIES)}, got {remat_policy!r}.")
+    if not isinstance(scan_layers, bool):
+        raise ValueError(f"scan_layers must be a bool, got {scan_layers!r}.")
+
+
+def drop_layer_options(d: dict) -> dict:
+    """A config dict without the rljax-only layer options (for config.json). Mutates and returns ``d``."""
+    for k in LAYER_OPTION_FIELDS:
+        d.pop(k, None)
+    return d
+
+
+def supports_layer_options(module: Any) -> bool:
+    """Whether ``module`` (or the LM a head wraps as ``.lm``) reads remat_policy/scan_layers."""
+    module = getattr(module, "lm", module)
+    cfg = getattr(module, "config", None)
+    return dataclasses.is_dataclass(cfg) and all(f in {x.name for x in dataclasses.fields(cfg)}
+                                                 for f in LAYER_OPTION_FIELDS)
+
+
+def with_layer_options(module: Any, remat_policy: Optional[str] = None, scan_layers: Optional[bool] = None) -> Any:
+    """``module`` (a causal LM, or a head wrapping one as ``.lm``) with its config's layer options
+    replaced (None keeps the current value). Changing ``scan_layers`` changes the params layout:
+    convert them with ``stack_layer_params`` / ``unstack_layer_params``."""
+    if hasattr(module, "lm"):
+        return module.clone(lm=with_layer_options(module.lm, remat_policy, scan_layers))
+    cfg = module.config
+    if not supports_layer_options(module):
+        raise ValueError(f"{type(cfg).__name__} has no remat_policy/scan_layers options; "
+                         "per-layer remat and scanned layers need an rljax causal-LM family.")
+    changes = {k: v for k, v in (("remat_policy", remat_policy), ("scan_layers", scan_layers)) if v is not None}
+    check_layer_options(changes.get("remat_policy", cfg.remat_policy), changes.get("scan_layers", cfg.scan_layers))
+    return module.clone(config=dataclasses.replace(cfg, **changes))
+
+
+def block_class(cls: Any, config: Any, num_args: int, scanned: bool = False) -> Any:
+    """``cls`` wrapped in ``nn.remat`` with the config's ``remat_policy`` (``cls`` itself for "none").
+
+    The block is called ``(x, *args, layer_cache, cache_index, deterministic)`` with ``num_args``
+    extra ``args``; ``deterministic`` is static. ``prevent_cse`` is off inside a scan, where
+    JAX's scan already keeps the recomputation from being merged away."""
+    policy_name = getattr(config, "remat_policy", "none")
+    if policy_name == "none":
+        return cls
+    deterministic_argnum = num_args + 4  # self, x, *args, layer_cache, cache_index, deterministic
+    return nn.remat(cls, policy=REMAT_POLICIES[policy_name], prevent_cse=not scanned,
+                    static_argnums=(deterministic_argnum,))
+
+
+def run_layers(
+    block_cls: Any,
+    config: Any,
+    dtype: Any,
+    name: str,
+    x: jax.Array,
+    args: tuple,
+    cache: Optional[dict],
+    deterministic: bool,
+    layer_kwargs: Optional[Any] = None,
+):
+    """Run ``config.num_hidden_layers`` blocks over ``x`` [batch, seq, hidden] inside the caller's
+    ``nn.compact`` method. Returns ``(x, new_cache)``; ``new_cache`` is None without a cache.
+
+    Each block is ``block_cls(config, dtype=dtype, name=..., **layer_kwargs(i))`` called as
+    ``(x, *args, layer_cache, cache_index, deterministic) -> (x, new_layer_cache)``; ``args`` are
+    the same for every layer (mask, RoPE tables, ...). Unscanned: blocks ``{name}_{i}`` and a list
+    of per-layer caches. ``config.scan_layers``: one ``nn.scan`` block ``name`` with params and
+    cache stacked on a leading layer axis (every layer's ``layer_kwargs`` must be equal).
+    """
+    check_layer_options(getattr(config, "remat_policy", "none"), getattr(config, "scan_layers", False))
+    n = config.num_hidden_layers
+    kw_of = layer_kwargs or (lambda i: {})
+    index = None if cache is None else cache["index"]
+    scan = getattr(config, "scan_layers", False)
+    cls = block_class(block_cls, config, len(args), scanned=scan)
+    if not scan:
+        new_layers = []
+        for i in range(n):
+            layer_cache = None if cache is None else cache["layers"][i]
+            x, lc = cls(config, dtype=dtype, name=f"{name}_{i}", **kw_of(i))(
+                x, *args, layer_cache, index, deterministic)
+            new_layers.append(lc)
+    else:
+        kws = [kw_of(i) for i in range(n)]
+        if any(k != kws[0] for k in kws[1:]):
+            raise ValueError(
+                f"scan_layers=True needs identical layers, but {type(config).__name__} gives layers different "
+                f"settings ({kws[0]} vs {next(k for k in kws if k != kws[0])}, e.g. mixed local/sliding and "
+                "global attention); load the model with scan_layers=False.")
+        scanned = nn.scan(
+            cls,
+            variable_axes={"params": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=(nn.broadcast,) * len(args) + (0, nn.broadcast, nn.broadcast),
+            length=n,
+        )
+        layer_cache = None if cache is None else cache["layers"]
+        x, new_layers = scanned(config, dtype=dtype, name=name, **kws[0])(x, *args, layer_cache, index, deterministic)
+    new_cache = None if cache is None else {"layers": new_layers, "index": index + x.shape[1]}
+    return x, new_cache
+
+
+def init_stacked_cache(
+    num_layers: int, batch_size: int, max_length: int, num_kv_heads: int, head_dim: int, dtype=jnp.float32
+) -> Cache:
+    """An empty KV cache for a scanned model: ``{"layers": {"k": [layers, batch, max_len, kv_heads,
+    head_dim], "v": ...}, "index": 0}`` (one stacked entry instead of a list of layers)."""
+    shape = (num_layers, batch_size, max_length, num_kv_heads, head_dim)
+    return {"layers": {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}, "index": jnp.array(0, jnp.int32)}
+
+
+def _layer_key(key: str) -> Optional[Tuple[str, int]]:
+    import re
+
+    m = re.fullmatch(r"(h|layers)_(\d+)", key)
+    return (m.group(1), int(m.group(2))) if m else None
+
+
+def stack_layer_params(params: Any) -> Any:
+    """Per-layer params (``h_0 ... h_{L-1}``) -> the scanned layout (``h`` with every leaf
+    stacked on a new leading axis). Works on any nesting (value/score heads included)."""
+    if not isinstance(params, dict) and not hasattr(params, "items"):
+        return params
+    out, groups = {}, {}
+    for k, v in params.items():
+        lk = _layer_key(k)
+        if lk is None:
+            out[k] = stack_layer_params(v)
+        else:
+            groups.setdefault(lk[0], {})[lk[1]] = v
+    for base, layers in groups.items():
+        ordered = [layers[i] for i in range(len(layers))]
+        out[base] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *ordered)
+    return out
+
+
+def unstack_layer_params(params: Any) -> Any:
+    """The scanned layout (``h`` with a leading layer axis) -> per-layer params ``h_0 ...``;
+    the inverse of ``stack_layer_params``."""
+    if not isinstance(params, dict) and not hasattr(params, "items"):
+        return params
+    out = {}
+    for k, v in params.items():
+        if k in SCANNED_LAYER_NAMES and hasattr(v, "items"):
+            n = jax.tree_util.tree_leaves(v)[0].shape[0]
+            for i in range(n):
+                out[f"{k}_{i}"] = jax.tree_util.tree_map(lambda x: x[i], v)
+        else:
+            out[k] = unstack_layer_params(v)
+    return out

@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rljax.models.attention import prepare_inputs
+from rljax.models.attention import prepare_inputs, supports_logits_window, window_positions
 from rljax.models.hub import (
     abstract_params,
     as_jax_dtype,
@@ -90,7 +90,7 @@ class ValueHead(nn.Module):
 @flax.struct.dataclass
 class CausalLMWithValueHeadOutput:
     """``logits`` [batch, seq, vocab] (float32), ``values`` [batch, seq] (float32, from the last
-    hidden state), ``hidden_states`` [batch, seq, hidden], ``cache`` (as the LM's)."""
+    hidden state; both [batch, length, ...] under a ``logits_window``), ``hidden_states`` [batch, seq, hidden], ``cache`` (as the LM's)."""
 
     logits: jax.Array
     values: jax.Array
@@ -118,9 +118,11 @@ class CausalLMWithValueHead(nn.Module):
         position_ids: Optional[jax.Array] = None,
         cache: Optional[dict] = None,
         deterministic: bool = True,
+        logits_window: Optional[Tuple[int, int]] = None,
     ) -> CausalLMWithValueHeadOutput:
-        out = self.lm(input_ids, attention_mask, position_ids, cache, deterministic)
-        values = self.v_head(out.hidden_states, deterministic)
+        # logits_window (static (start, length)): both heads run on those columns only.
+        out = apply_lm_windowed(self.lm, input_ids, attention_mask, position_ids, cache, deterministic, logits_window)
+        values = self.v_head(window_positions(out.hidden_states, logits_window), deterministic)
         return CausalLMWithValueHeadOutput(out.logits, values, out.hidden_states, out.cache)
 
     @property
@@ -139,6 +141,17 @@ class CausalLMWithValueHead(nn.Module):
         d = self.lm.config.to_dict()
         d["summary_dropout_prob"] = self.summary_dropout_prob
         return d
+
+
+def apply_lm_windowed(lm, input_ids, attention_mask, position_ids, cache, deterministic, logits_window):
+    """Call the bound ``lm`` with its LM head on ``logits_window`` only (sliced afterwards when
+    ``lm`` does not take the argument)."""
+    if logits_window is None:
+        return lm(input_ids, attention_mask, position_ids, cache, deterministic)
+    if supports_logits_window(lm):
+        return lm(input_ids, attention_mask, position_ids, cache, deterministic, logits_window=logits_window)
+    out = lm(input_ids, attention_mask, position_ids, cache, deterministic)
+    return out.replace(logits=window_positions(out.logits, logits_window))
 
 
 @flax.struct.dataclass

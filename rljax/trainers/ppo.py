@@ -42,6 +42,7 @@ from rljax.ppo import (
     kl_penalty,
     validate_scores,
 )
+from rljax.models.peft import is_peft_module, trainable_mask, with_adapters_enabled
 from rljax.ppo_train import (
     PPOTrainState,
     drop_skipped_epochs,
@@ -248,14 +249,20 @@ class PPOTrainer:
         config.world_size = jax.process_count()
         config.global_backward_batch_size = config.backward_batch_size * config.world_size
         config.global_batch_size = config.batch_size * config.world_size
-        config.is_encoder_decoder, config.is_peft_model = False, False
+        config.is_encoder_decoder, config.is_peft_model = False, is_peft_module(self.module)
+        # PEFT without a ref_model (TRL's optional_peft_ctx): the reference is the policy with its
+        # adapters disabled, on the policy's own params (state.ref_params is None: no copy).
+        peft_ref = config.is_peft_model and ref_model is None
+        self._ref_module = with_adapters_enabled(self.module, False) if peft_ref else None
 
         # The jitted step donates the state: train on copies so the caller's arrays stay valid.
         policy = self.model.params
         _check_float_params("model", policy)
         params = _copy_tree(policy)
         shared: Optional[int] = None
-        if ref_model is None:
+        if peft_ref:
+            self.ref_model, ref_full = None, None  # TRL: ref_model is None for a PEFT policy
+        elif ref_model is None:
             shared = num_shared_layers
             if shared is not None:
                 shared_layer_mask(policy, shared)  # validates k against the model's layers
@@ -280,7 +287,10 @@ class PPOTrainer:
             if k is not None and _shares_layers(policy, ref_full, k):
                 shared = k  # create_reference_model(model, num_shared_layers=k) of this very model
             self.ref_model = ref_obj
-        if shared is not None:
+        if peft_ref:  # adapters (+ value head, modules_to_save) train; the base stays frozen
+            ref_params = None
+            trainable = trainable_mask(params, getattr(self.model, "lora_config", None))
+        elif shared is not None:
             mask = flatten_dict(shared_layer_mask(policy, shared))
             source = flatten_dict(policy if ref_full is None else ref_full)
             ref_params = _copy_tree(unflatten_dict({p: v for p, v in source.items() if not mask[p]}))
@@ -291,12 +301,17 @@ class PPOTrainer:
             trainable = None
         self.num_shared_layers = shared
 
+        trainable_key = None if trainable is None else tuple(bool(t) for t in jax.tree_util.tree_leaves(trainable))
         if optimizer is None:
             self.optimizer = make_ppo_optimizer(config, trainable)
             tx = self.optimizer
+            # equal settings give an equal optimizer: trainers share one jitted step (one compile)
+            self._tx_key = ("default", float(config.learning_rate), config.max_grad_norm, trainable_key)
         else:
             self.optimizer = optimizer
             tx = optimizer if trainable is None else freeze_params(optimizer, trainable)
+            self._tx_key = ("user", optimizer, trainable_key)
+        self._tx = tx  # the step closes over it (make_ppo_step(..., tx=tx)); the state holds opt_state
         self.lr_scheduler = lr_scheduler
         self.state = PPOTrainState.create(params, ref_params, config, tx=tx)
         if not has_learning_rate(self.state.opt_state):
@@ -320,11 +335,12 @@ class PPOTrainer:
         if mesh is None:  # equal settings share one jitted function (and its compiled programs)
             shared_ref = self.num_shared_layers is not None
             self._forward = _cached_jit(
-                ("forward", self.module, config.kl_penalty, shared_ref), lambda: jax.jit(self._forward_fn())
+                ("forward", self.module, config.kl_penalty, config.mini_batch_size, shared_ref, self._ref_module),
+                lambda: jax.jit(self._forward_fn()),
             )
             self._ppo_step = _cached_jit(
-                ("ppo_step", self.module, _config_key(config)),
-                lambda: jax.jit(make_ppo_step(self.module, config), donate_argnums=(0,)),
+                ("ppo_step", self.module, _config_key(config), self._tx_key),
+                lambda: jax.jit(make_ppo_step(self.module, config, tx=tx), donate_argnums=(0,)),
             )
         else:
             self._jit_on_mesh(mesh)
@@ -346,7 +362,9 @@ class PPOTrainer:
 
     # -- helpers ----------------------------------------------------------------------------
     def _forward_fn(self):
-        forward = make_forward_rollout(self.module, self.config.kl_penalty)
+        # TRL's batched_forward_pass: mini_batch_size rows at a time (bounded memory).
+        forward = make_forward_rollout(self.module, self.config.kl_penalty, ref_module=self._ref_module,
+                                       chunk_size=self.config.mini_batch_size)
         shared = self.num_shared_layers is not None
 
         def fn(params, ref_params, queries, qmask, responses, rmask):
@@ -368,7 +386,7 @@ class PPOTrainer:
             self._forward_fn(), mesh, in_shardings=(sh.params, sh.ref_params, rows, rows, rows, rows), out_shardings=rows
         )
         self._ppo_step = jit_sharded(
-            make_ppo_step(self.module, self.config), mesh, in_shardings=(sh, rows, rows),
+            make_ppo_step(self.module, self.config, tx=self._tx), mesh, in_shardings=(sh, rows, rows),
             out_shardings=(sh, replicated(mesh)), donate_argnums=(0,),
         )
 
@@ -381,7 +399,8 @@ class PPOTrainer:
         """Point ``model.params``, ``ref_model.params`` and ``kl_ctl`` at the current state (TRL
         updates them in place). Done after every step: the step donates the old arrays."""
         _set_attr(self.model, "params", self.state.params)
-        _set_attr(self.ref_model, "params", self._ref_full_params())
+        if self.ref_model is not None:
+            _set_attr(self.ref_model, "params", self._ref_full_params())
         self.kl_ctl.state = self.state.kl
 
     def _sync_before_step(self) -> None:
@@ -557,18 +576,32 @@ class PPOTrainer:
         policy_params = self.state.params
         ref_full = merge_reference(policy_params, self.state.ref_params) if self.num_shared_layers is not None else self.state.ref_params
         outs, ref_outs = [], []
+        limit, width = None, None
+        if length_sampler is not None:
+            # One compiled program for every sampled length: generate at the sampler's maximum
+            # width with the sampled length as a traced limit, then cut the columns past it.
+            # (A bare callable with no known maximum: each new length is a new static width.)
+            width = _length_sampler_max(length_sampler)
         for start in range(0, len(queries), batch_size):
             chunk = queries[start : start + batch_size]
             if length_sampler is not None:
-                kw["max_new_tokens"] = int(length_sampler())
+                limit = int(length_sampler())
+                if width is None:
+                    kw["max_new_tokens"], limit = limit, None
+                elif not 1 <= limit <= width:
+                    raise ValueError(f"length_sampler returned {limit}; it must be between 1 and its maximum {width}.")
+                else:
+                    kw["max_new_tokens"] = width
             P = bucket_length(max(len(q) for q in chunk), 8)
             rows = chunk + [chunk[0]] * (batch_size - len(chunk))  # static batch shape
             ids = pad_sequences(rows, kw["pad_token_id"], "left", P)
             mask = pad_sequences([np.ones(len(q), np.int32) for q in rows], 0, "left", P)
             rng, k1, k2 = jax.random.split(rng, 3)
             for params, sink, key in ((policy_params, outs, k1),) + (((ref_full, ref_outs, k2),) if generate_ref_response else ()):
-                gen = _generate(self.module, params, ids, mask, key, **kw)
+                gen = _generate(self.module, params, ids, mask, key, new_tokens_limit=limit, **kw)
                 seqs = np.asarray(gen.sequences)[: len(chunk)]
+                if limit is not None:
+                    seqs = seqs[:, : P + limit]  # as if generated with max_new_tokens=limit
                 resp = strip_responses(seqs, P, kw.get("eos_token_id"), kw["pad_token_id"], remove_padding=remove_padding)
                 for q, r in zip(chunk, resp):
                     sink.append(np.concatenate([q, r]) if return_prompt else r)
@@ -671,9 +704,8 @@ class PPOTrainer:
         self._sync_before_step()
         t = time.time()
         rollout = self._forward(self.state.params, self.state.ref_params, q, qm, r, rm)
-        if extra is not None:
-            shifted = np.concatenate([np.zeros((len(queries), P - 1), np.float32), extra], axis=1)
-            rollout = rollout.replace(masks=rollout.masks * shifted)
+        if extra is not None:  # the rollout's [B, N] arrays are aligned with the responses
+            rollout = rollout.replace(masks=rollout.masks * extra)
         jax.block_until_ready(rollout.logprobs)
         t_forward = time.time() - t
         t = time.time()
@@ -859,6 +891,17 @@ def _set_attr(obj: Any, name: str, value: Any) -> None:
         setattr(obj, name, value)
     except AttributeError:
         warnings.warn(f"{type(obj).__name__}.{name} cannot be set; it does not follow the trainer's state.")
+
+
+def _length_sampler_max(length_sampler: Callable[[], int]) -> Optional[int]:
+    """The largest length ``length_sampler`` can return: ``rljax.core.LengthSampler``'s (and
+    TRL's) ``values``, else a ``max_value`` attribute; None when unknown (a bare callable)."""
+    values = getattr(length_sampler, "values", None)
+    if values:
+        return int(max(values))
+    if getattr(length_sampler, "max_value", None) is not None:
+        return int(length_sampler.max_value)
+    return None
 
 
 _GEN_KEYS = {"max_new_tokens", "do_sample", "top_k", "top_p", "temperature", "min_length", "min_new_tokens", "eos_token_id", "pad_token_id", "max_length"}
