@@ -519,6 +519,9 @@ class AutoModelForCausalLM:
 
     def __init__(self, module, params, *, config_extras: Optional[dict] = None,
                  generation_config: Optional[GenerationConfig] = None, seed: int = 0):
+        if getattr(module, "is_encoder_decoder", False) and not isinstance(self, AutoModelForSeq2SeqLM):
+            raise ValueError("This is an encoder-decoder checkpoint (T5); load it with AutoModelForSeq2SeqLM "
+                             "(or AutoModelForSeq2SeqLMWithValueHead), as transformers does.")
         self.module = module
         self.params = params
         self.config = HFConfig(module.config, self._config_changed, config_extras)
@@ -893,9 +896,251 @@ def _score_fn(module) -> Callable:
     return _SCORE_FNS[key]
 
 
+# --------------------------------------------------------------------------------------------
+# Encoder-decoders: AutoModelForSeq2SeqLM and AutoModelForSeq2SeqLMWithValueHead (TRL)
+# --------------------------------------------------------------------------------------------
+
+NOT_A_SEQ2SEQ_LM = "The model is not an encoder-decoder language model (rljax: T5); use AutoModelForCausalLM(WithValueHead)."
+
+
+@dataclasses.dataclass
+class Seq2SeqLMOutputWithLoss(CausalLMOutputWithLoss):
+    """HF's ``Seq2SeqLMOutput`` subset: ``loss`` (with ``labels``) or None, ``logits``
+    [batch, dec_len, vocab] float32, ``hidden_states`` (decoder, last layer), ``cache``, and
+    ``encoder_last_hidden_state`` [batch, enc_len, d_model]."""
+
+    encoder_last_hidden_state: Optional[jax.Array] = None
+
+
+_SEQ2SEQ_FORWARDS: "collections.OrderedDict[Any, Callable]" = collections.OrderedDict()
+
+
+def _seq2seq_forward_fn(module) -> Callable:
+    """One jitted ``(params, ids, mask, dec_ids, dec_mask, labels, rngs, deterministic) -> (out, loss)``
+    per module; HF's seq2seq loss: cross-entropy of ``logits`` against ``labels`` (no shift, -100 ignored)."""
+    if module in _SEQ2SEQ_FORWARDS:
+        _SEQ2SEQ_FORWARDS.move_to_end(module)
+        return _SEQ2SEQ_FORWARDS[module]
+
+    def forward(params, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, labels, rngs,
+                deterministic):
+        out = module.apply({"params": params}, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask,
+                           deterministic=deterministic, rngs=rngs)
+        if labels is None:
+            return out, None
+        valid = labels != -100
+        logp = jax.nn.log_softmax(out.logits, axis=-1)
+        nll = -jnp.take_along_axis(logp, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
+        return out, jnp.sum(nll * valid) / jnp.maximum(jnp.sum(valid), 1)
+
+    fn = jax.jit(forward, static_argnames=("deterministic",))
+    _SEQ2SEQ_FORWARDS[module] = fn
+    while len(_SEQ2SEQ_FORWARDS) > 32:
+        _SEQ2SEQ_FORWARDS.popitem(last=False)
+    return fn
+
+
+def hf_seq2seq_generate(module, params, base_config: GenerationConfig, rng: jax.Array, input_ids,
+                        attention_mask=None, generation_config=None, decoder_input_ids=None, **kwargs) -> jax.Array:
+    """HF ``generate`` for an encoder-decoder: -> decoder sequences [batch * num_return_sequences,
+    D + steps] starting with ``decoder_input_ids`` (default: the decoder start token alone, D = 1).
+    As HF, ``max_length`` and ``min_length`` count the decoder tokens (start token included); the
+    default is ``max_length=20``. Sampling and eos/pad settings as ``hf_generate``."""
+    from rljax.models.seq2seq import seq2seq_generate
+
+    start = kwargs.pop("decoder_start_token_id", None)
+    s = _generation_settings(base_config, generation_config, kwargs)
+    ids = _as_ids(input_ids, "input_ids")
+    if ids is None or ids.ndim != 2:
+        raise ValueError("generate() needs input_ids of shape [batch, src_len] (add a batch axis with ids[None]).")
+    mask = jnp.ones_like(ids) if attention_mask is None else _as_ids(attention_mask, "attention_mask")
+    cfg = module.config
+    start = cfg.decoder_start_token_id if start is None else int(start)
+    dec = _as_ids(decoder_input_ids, "decoder_input_ids")
+    if dec is None:
+        dec = jnp.full((ids.shape[0], 1), start, jnp.int32)
+    D = dec.shape[1]
+    eos = s["eos_token_id"]
+    eos_list = [] if eos is None else ([int(eos)] if np.ndim(eos) == 0 else [int(e) for e in eos])
+    pad = s["pad_token_id"] if s["pad_token_id"] is not None else (eos_list[0] if eos_list else None)
+    max_new = s["max_new_tokens"]
+    if max_new is None:
+        max_new = int(s["max_length"] if s["max_length"] is not None else DEFAULT_NEW_TOKENS) - D
+        if max_new < 1:
+            raise ValueError(f"The decoder prefix ({D} tokens) already reaches max_length; pass max_new_tokens=...")
+    min_new = max(int(s["min_new_tokens"] or 0), int(s["min_length"] or 0) - D)
+    n_seq = int(s["num_return_sequences"])
+    if n_seq > 1:
+        if not s["do_sample"]:
+            raise ValueError("num_return_sequences > 1 needs do_sample=True (greedy search returns one sequence).")
+        ids, mask, dec = (jnp.repeat(x, n_seq, axis=0) for x in (ids, mask, dec))
+    top_k = s["top_k"] if s["do_sample"] else 0
+    out = seq2seq_generate(
+        module, params, ids, mask, rng, max_new_tokens=int(max_new), do_sample=bool(s["do_sample"]),
+        temperature=float(s["temperature"]) if s["do_sample"] else 1.0, top_k=0 if top_k is None else top_k,
+        top_p=float(s["top_p"]) if s["do_sample"] else 1.0, min_new_tokens=int(min_new),
+        eos_token_id=eos_list or None, pad_token_id=pad, decoder_input_ids=dec,
+    )
+    steps = int(jnp.max(jnp.sum(out.response_mask[:, D:], axis=-1))) if eos_list else int(max_new)
+    return out.sequences[:, : D + steps]
+
+
+class AutoModelForSeq2SeqLM(AutoModelForCausalLM):
+    """HF's ``AutoModelForSeq2SeqLM`` (T5) as a shell over (``.module``, ``.params``).
+
+    ``model(input_ids, attention_mask=..., decoder_input_ids=..., decoder_attention_mask=...,
+    labels=...)`` returns ``.logits`` [batch, dec_len, vocab] (and HF's ``.loss`` with labels;
+    without ``decoder_input_ids`` they are ``labels`` shifted right, as HF);
+    ``generate(input_ids, ...)`` returns decoder sequences starting with the start token.
+    """
+
+    def __init__(self, module, params, *, config_extras: Optional[dict] = None,
+                 generation_config: Optional[GenerationConfig] = None, seed: int = 0):
+        if not getattr(module, "is_encoder_decoder", False):
+            raise ValueError(f"{NOT_A_SEQ2SEQ_LM} (got a {type(module).__name__} module)")
+        super().__init__(module, params, config_extras=config_extras, generation_config=generation_config, seed=seed)
+
+    is_encoder_decoder = True
+
+    def __call__(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
+                 deterministic: bool = True, rngs=None, *, labels=None, past_key_values=None, **kwargs):
+        """Jitted forward -> ``Seq2SeqLMOutputWithLoss`` (value-head models: TRL's
+        ``(lm_logits, loss, value)``)."""
+        if past_key_values is not None:
+            raise ValueError("past_key_values is not supported: rljax's decoder cache is explicit (rljax.models.seq2seq).")
+        for k in ("output_hidden_states", "return_dict", "use_cache"):
+            kwargs.pop(k, None)
+        if kwargs:
+            raise TypeError(f"unexpected argument(s) {sorted(kwargs)}; rljax seq2seq models take input_ids, "
+                            "attention_mask, decoder_input_ids, decoder_attention_mask, labels, deterministic, rngs.")
+        ids, mask = _as_ids(input_ids, "input_ids"), _as_ids(attention_mask, "attention_mask")
+        if ids is None:
+            raise ValueError("input_ids (the encoder input) is required.")
+        mask = jnp.ones_like(ids) if mask is None else mask
+        labels = _as_ids(labels, "labels")
+        dec = _as_ids(decoder_input_ids, "decoder_input_ids")
+        if dec is None:
+            if labels is None:
+                raise ValueError("Pass decoder_input_ids (starting with the decoder start token) or labels.")
+            from rljax.models.t5 import shift_right
+
+            cfg = self.module.config
+            dec = shift_right(labels, cfg.decoder_start_token_id, cfg.pad_token_id)
+        dmask = _as_ids(decoder_attention_mask, "decoder_attention_mask")
+        out, loss = _seq2seq_forward_fn(self.module)(self.params, ids, mask, dec, dmask, labels, rngs,
+                                                     deterministic=deterministic)
+        return self._output(out, loss)
+
+    def _output(self, out, loss):
+        return Seq2SeqLMOutputWithLoss(loss, out.logits, out.hidden_states, out.cache, out.encoder_hidden_states)
+
+    def generate(self, input_ids=None, attention_mask=None, *, generation_config=None, rng=None, inputs=None,
+                 decoder_input_ids=None, **kwargs) -> jax.Array:
+        """HF ``generate`` for encoder-decoders (see ``hf_seq2seq_generate``)."""
+        return hf_seq2seq_generate(self._lm_module(), self._lm_params(), self.generation_config, self._next_rng(rng),
+                                   input_ids if inputs is None else inputs, attention_mask, generation_config,
+                                   decoder_input_ids=decoder_input_ids, **kwargs)
+
+
+class _Seq2SeqPretrainedModel(_PretrainedModel, AutoModelForSeq2SeqLM):
+    """``value_head_model.pretrained_model`` of a seq2seq value-head model."""
+
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        config_extras = {k: v for k, v in self.config.extras.items() if k != "summary_dropout_prob"}
+        AutoModelForSeq2SeqLM(self.module, self.params, config_extras=config_extras,
+                              generation_config=self.generation_config).save_pretrained(save_directory, **kwargs)
+
+
+class AutoModelForSeq2SeqLMWithValueHead(AutoModelForSeq2SeqLM):
+    """TRL's ``AutoModelForSeq2SeqLMWithValueHead`` over a ``Seq2SeqLMWithValueHead`` module:
+    the value head reads the decoder's last hidden state. Calling it returns TRL's
+    ``(lm_logits, loss, value)`` with value [batch, dec_len]; ``generate``, ``v_head``,
+    ``pretrained_model``, ``state_dict()`` and ``save_pretrained`` as the causal one."""
+
+    transformers_parent_class = AutoModelForSeq2SeqLM
+    lm_head_namings = ["lm_head", "embed_out", "output_projection"]
+    supported_args = AutoModelForCausalLMWithValueHead.supported_args
+
+    def __init__(self, module, params: dict, *, config_extras: Optional[dict] = None,
+                 generation_config: Optional[GenerationConfig] = None, seed: int = 0):
+        from rljax.models.heads import Seq2SeqLMWithValueHead
+
+        if not isinstance(module, Seq2SeqLMWithValueHead):
+            raise ValueError(f"{NOT_A_SEQ2SEQ_LM} (expected a Seq2SeqLMWithValueHead module, got {type(module).__name__})")
+        super().__init__(module, params, config_extras=config_extras, generation_config=generation_config, seed=seed)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, dtype=None, torch_dtype=None,
+                        revision: Optional[str] = None, trust_remote_code: bool = False,
+                        summary_dropout_prob: Optional[float] = None, v_head_init_strategy: Optional[str] = None,
+                        v_head_initializer_range: float = 0.2, rng: Optional[jax.Array] = None,
+                        **kwargs) -> "AutoModelForSeq2SeqLMWithValueHead":
+        """From a T5 checkpoint directory / hub id, an ``AutoModelForSeq2SeqLM`` or an rljax
+        ``(lm_module, lm_params)`` pair; value-head arguments as the causal one's."""
+        _check_load_kwargs(cls.__name__, model_args, kwargs)
+        vkw = dict(summary_dropout_prob=summary_dropout_prob, v_head_init_strategy=v_head_init_strategy,
+                   v_head_initializer_range=v_head_initializer_range, rng=rng)
+        source = pretrained_model_name_or_path
+        if isinstance(source, (str, os.PathLike)):
+            directory, cfg = read_checkpoint(source, revision, trust_remote_code)
+            module, params = value_head_model_from_pretrained(directory, dtype, torch_dtype=torch_dtype, **vkw)
+            return cls(module, params, config_extras=_config_extras(cfg),
+                       generation_config=GenerationConfig.from_model(module.config, directory))
+        dtype = as_jax_dtype(merge_dtype_args(dtype, torch_dtype))
+        if isinstance(source, AutoModelForSeq2SeqLM):
+            if vkw["summary_dropout_prob"] is None:
+                vkw["summary_dropout_prob"] = getattr(source.config, "summary_dropout_prob", None)
+            model = cls.from_lm(source.module, source.params, dtype=dtype, **vkw)
+            model.config = HFConfig(model.module.config, model._config_changed, source.config.extras)
+            model.generation_config = dataclasses.replace(source.generation_config)
+            return model
+        if isinstance(source, tuple) and len(source) == 2:
+            return cls.from_lm(*source, dtype=dtype, **vkw)
+        raise ValueError(f"{NOT_A_SEQ2SEQ_LM} rljax takes a checkpoint path, an AutoModelForSeq2SeqLM or an "
+                         f"(lm_module, lm_params) pair; got {type(source).__name__}.")
+
+    @classmethod
+    def from_lm(cls, lm_module, params, *, dtype=None, summary_dropout_prob=None, v_head_init_strategy=None,
+                v_head_initializer_range=0.2, rng=None) -> "AutoModelForSeq2SeqLMWithValueHead":
+        """Wrap an rljax encoder-decoder LM (module, params); the value head is freshly initialised."""
+        from rljax.models.heads import Seq2SeqLMWithValueHead
+
+        if isinstance(lm_module, Seq2SeqLMWithValueHead):
+            return cls(lm_module, params)
+        if not getattr(lm_module, "is_encoder_decoder", False) or isinstance(lm_module, CausalLMWithValueHead):
+            raise ValueError(f"{NOT_A_SEQ2SEQ_LM} Got a {type(lm_module).__name__}.")
+        dtype = as_jax_dtype(dtype)
+        if dtype is not None:
+            lm_module = lm_module.clone(dtype=dtype)
+            params = jax.tree.map(lambda x: x.astype(dtype), params)
+        module = Seq2SeqLMWithValueHead(lm_module, 0.1 if summary_dropout_prob is None else summary_dropout_prob,
+                                        v_head_init_strategy, v_head_initializer_range)
+        head = init_value_head(module, jax.random.PRNGKey(0) if rng is None else rng)
+        return cls(module, {**params, **head})
+
+    def _output(self, out, loss):
+        return ValueHeadModelOutput(out.logits, loss, out.values, out.hidden_states, out.cache)
+
+    @property
+    def pretrained_model(self) -> _Seq2SeqPretrainedModel:
+        """The wrapped LM (an ``AutoModelForSeq2SeqLM`` sharing these params)."""
+        return _Seq2SeqPretrainedModel(self)
+
+    v_head = AutoModelForCausalLMWithValueHead.v_head
+    lm_params = AutoModelForCausalLMWithValueHead.lm_params
+    get_parameter = AutoModelForCausalLMWithValueHead.get_parameter
+    _lm_module = AutoModelForCausalLMWithValueHead._lm_module
+    _lm_params = AutoModelForCausalLMWithValueHead._lm_params
+    _config_changed = AutoModelForCausalLMWithValueHead._config_changed
+
+
 __all__ = [
     "AutoModelForCausalLM",
     "AutoModelForCausalLMWithValueHead",
+    "AutoModelForSeq2SeqLM",
+    "AutoModelForSeq2SeqLMWithValueHead",
+    "Seq2SeqLMOutputWithLoss",
+    "hf_seq2seq_generate",
     "AutoModelForSequenceClassification",
     "CausalLMOutputWithLoss",
     "GenerationConfig",

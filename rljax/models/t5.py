@@ -39,6 +39,7 @@ import jax.numpy as jnp
 from rljax.models.attention import attention_bias, dot_product_attention, update_layer_cache
 from rljax.models.llama import RMSNorm
 
+ARCHITECTURES = {"t5": "T5ForConditionalGeneration", "mt5": "MT5ForConditionalGeneration"}
 ACTIVATIONS = {
     "relu": jax.nn.relu,
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
@@ -140,7 +141,7 @@ class T5Config:
         d.pop("scale_decoder_outputs")
         if self.scale_decoder_outputs != self.tie_word_embeddings:
             raise ValueError("T5 with scale_decoder_outputs != tie_word_embeddings cannot be written as an HF config.")
-        d.update(architectures=["T5ForConditionalGeneration"], is_encoder_decoder=True,
+        d.update(architectures=[ARCHITECTURES.get(self.model_type, "T5ForConditionalGeneration")], is_encoder_decoder=True,
                  dense_act_fn=self.dense_act_fn, is_gated_act=self.is_gated_act)
         return d
 
@@ -497,18 +498,19 @@ def _lm_only(params):
 def _register() -> None:
     from rljax.models.hub import Family, register_family
 
-    register_family(
-        "t5",
-        Family(
-            T5Config,
-            T5ForConditionalGeneration,
-            linear_is_transposed=True,
-            ignore_keys=(r"^(encoder|decoder)\.embed_tokens\.weight$",
-                         r"^decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight$"),
-            hf_prefix="T5",
-            embed_key="shared.weight",
-        ),
-    )
+    for model_type, prefix in (("t5", "T5"), ("mt5", "MT5")):  # mT5: T5 v1.1's architecture, another vocabulary
+        register_family(
+            model_type,
+            Family(
+                T5Config,
+                T5ForConditionalGeneration,
+                linear_is_transposed=True,
+                ignore_keys=(r"^(encoder|decoder)\.embed_tokens\.weight$",
+                             r"^decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight$"),
+                hf_prefix=prefix,
+                embed_key="shared.weight",
+            ),
+        )
 
 
 _register()
