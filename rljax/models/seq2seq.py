@@ -10,8 +10,8 @@ encoder, responses are decoder inputs; log-probs come from ``logits[:, :-1]`` ov
 ids and the mask keeps positions ``1 .. len(response) - 2`` (TRL's ``start = 1``,
 ``end = decoder_attention_mask.sum() - 1``). ``Seq2SeqAsCausal`` presents such a model to the
 causal PPO step (``rljax.ppo_train.make_ppo_step``): it takes ``[query | response]`` and puts
-the decoder's outputs at the positions where the causal layout expects them, so the whole
-PPO step (epochs, minibatches, stats) is shared with decoder-only models.
+the decoder's outputs where the causal layout expects them (the response window), so the
+whole PPO step (epochs, minibatches, stats) is shared with decoder-only models.
 """
 from __future__ import annotations
 
@@ -45,68 +45,67 @@ def _lm_and_params(module, params):
 
 @flax.struct.dataclass
 class Seq2SeqGenerationOutput:
-    """``sequences`` [batch, 1 + max_new_tokens] int32: the decoder start token, then the new
-    tokens (``pad_token_id`` after a row's first eos); ``response_mask`` [batch, 1 + max_new_tokens]:
-    1 for the start token and the generated tokens up to and including the first eos."""
+    """``sequences`` [batch, D + max_new_tokens] int32: the decoder prefix (by default the start
+    token alone, D = 1), then the new tokens (``pad_token_id`` after a row's first eos);
+    ``response_mask`` of the same shape: 1 for the prefix and the generated tokens up to and
+    including the first eos."""
 
     sequences: Array
     response_mask: Array
 
 
-def _generate(lm, s: GenerationSettings, start_id: int, params, input_ids, attention_mask, rng):
+def _generate(lm, s: GenerationSettings, params, input_ids, attention_mask, decoder_prefix, rng):
+    """decoder_prefix [B, D]: the decoder's first tokens (the start token, maybe more), fed as given."""
     batch = input_ids.shape[0]
     n_new = s.max_new_tokens
+    D = decoder_prefix.shape[1]
+    total = D - 1 + n_new  # decoding steps = decoder slots used
     pad = s.pad_token_id if s.pad_token_id is not None else 0
     eos_ids = jnp.asarray(s.eos_token_id, jnp.int32) if s.eos_token_id else None
     attention_mask = (attention_mask != 0).astype(jnp.int32)
     enc = lm.apply({"params": params}, input_ids.astype(jnp.int32), attention_mask,
                    method=T5ForConditionalGeneration.encode)
-    cache = make_decoder_cache(lm, params, enc, batch, n_new, s.cache_dtype)
-    slot_mask = jnp.zeros((batch, n_new), jnp.int32)
+    cache = make_decoder_cache(lm, params, enc, batch, total, s.cache_dtype)
+    forced = jnp.concatenate([decoder_prefix[:, 1:], jnp.zeros((batch, n_new), jnp.int32)], axis=1)  # [B, total]
 
-    def step(t, token_in, slot_mask, cache, tokens, finished):
-        """Feed ``token_in`` at decoder slot t; pick new token t."""
+    def body(carry):
+        """Feed ``token_in`` at decoder slot t; pick token t + 1 of the decoder sequence."""
+        t, token_in, slot_mask, cache, tokens, finished = carry
         slot_mask = jax.lax.dynamic_update_slice(slot_mask, jnp.ones((batch, 1), jnp.int32), (0, t))
         logits, _, cache = lm.apply({"params": params}, token_in[:, None], slot_mask, None, attention_mask, cache,
                                     method=T5ForConditionalGeneration.decode)
         logits = logits[:, -1]
+        new_index = t - (D - 1)  # index among the new tokens (< 0 inside the prefix)
         if s.eos_token_id and s.min_new_tokens > 0:
-            logits = jnp.where(t < s.min_new_tokens, logits.at[:, eos_ids].set(-jnp.inf), logits)
+            logits = jnp.where(new_index < s.min_new_tokens, logits.at[:, eos_ids].set(-jnp.inf), logits)
         if s.do_sample:
             token = sample_logits(logits, jax.random.fold_in(rng, t), s.temperature, s.top_k, s.top_p)
         else:
             token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        token = jnp.where(finished, pad, token)
+        in_prefix = new_index < 0
+        token = jnp.where(in_prefix, forced[:, t], jnp.where(finished, pad, token))
         tokens = tokens.at[:, t].set(token)
         if s.eos_token_id:
-            finished = finished | jnp.isin(token, eos_ids)
-        return token, slot_mask, cache, tokens, finished
-
-    tokens = jnp.full((batch, n_new), pad, jnp.int32)
-    finished = jnp.zeros((batch,), bool)
-    start = jnp.full((batch,), start_id, jnp.int32)
-    carry = (jnp.array(0, jnp.int32), start, slot_mask, cache, tokens, finished)
+            finished = finished | (jnp.isin(token, eos_ids) & ~in_prefix)
+        return t + 1, token, slot_mask, cache, tokens, finished
 
     def cond(carry):
         t, *_, finished = carry
-        going = t < n_new
+        going = t < total
         return going & ~jnp.all(finished) if s.eos_token_id else going
 
-    def body(carry):
-        t, token, slot_mask, cache, tokens, finished = carry
-        token, slot_mask, cache, tokens, finished = step(t, token, slot_mask, cache, tokens, finished)
-        return t + 1, token, slot_mask, cache, tokens, finished
-
+    carry = (jnp.array(0, jnp.int32), decoder_prefix[:, 0], jnp.zeros((batch, total), jnp.int32), cache,
+             jnp.full((batch, total), pad, jnp.int32), jnp.zeros((batch,), bool))
     tokens = jax.lax.while_loop(cond, body, carry)[4]
+    new = tokens[:, D - 1:]
     # Mask: generated tokens up to and including the first eos (pad after it is not a token).
     if s.eos_token_id:
-        is_eos = jnp.isin(tokens, eos_ids)
-        before = jnp.cumsum(is_eos, axis=1) - is_eos  # eos tokens strictly before t
-        mask = (before == 0).astype(jnp.int32)
+        is_eos = jnp.isin(new, eos_ids)
+        mask = ((jnp.cumsum(is_eos, axis=1) - is_eos) == 0).astype(jnp.int32)
     else:
-        mask = jnp.ones_like(tokens)
-    sequences = jnp.concatenate([start[:, None], tokens], axis=1)
-    response_mask = jnp.concatenate([jnp.ones((batch, 1), jnp.int32), mask], axis=1)
+        mask = jnp.ones_like(new)
+    sequences = jnp.concatenate([decoder_prefix, new], axis=1)
+    response_mask = jnp.concatenate([jnp.ones((batch, D), jnp.int32), mask], axis=1)
     return Seq2SeqGenerationOutput(sequences, response_mask)
 
 
@@ -129,13 +128,16 @@ def seq2seq_generate(
     eos_token_id=None,
     pad_token_id: Optional[int] = None,
     decoder_start_token_id: Optional[int] = None,
+    decoder_input_ids: Optional[Array] = None,
     cache_dtype=None,
 ) -> Seq2SeqGenerationOutput:
     """Generate decoder outputs for encoder inputs ``input_ids`` [batch, src_len] (any padding).
 
     Jitted (one compiled program per settings and shapes). Greedy (``do_sample=False``)
     equals HF ``generate`` token for token. ``decoder_start_token_id`` defaults to the
-    config's (T5: the pad id 0). Returns ``Seq2SeqGenerationOutput`` (see there).
+    config's (T5: the pad id 0). ``decoder_input_ids`` [batch, D] (no padding): a decoder prefix
+    to continue (HF's ``generate(..., decoder_input_ids=...)``); the output then starts with
+    it and has D + max_new_tokens columns. Returns ``Seq2SeqGenerationOutput`` (see there).
     """
     lm, lm_params = _lm_and_params(module, params)
     if not getattr(lm, "is_encoder_decoder", False):
@@ -153,13 +155,18 @@ def seq2seq_generate(
     s = _settings(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
                   top_p=top_p, min_new_tokens=min_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                   return_logprobs=False, return_values=False, cache_dtype=cache_dtype)
-    key = (lm, s, int(start))
+    if decoder_input_ids is None:
+        decoder_input_ids = jnp.full((input_ids.shape[0], 1), start, jnp.int32)
+    chex.assert_rank(decoder_input_ids, 2)
+    chex.assert_equal(decoder_input_ids.shape[0], input_ids.shape[0])
+    key = (lm, s)
     if key not in _JIT:
-        _JIT[key] = jax.jit(functools.partial(_generate, lm, s, int(start)))
+        _JIT[key] = jax.jit(functools.partial(_generate, lm, s))
         while len(_JIT) > 32:
             _JIT.popitem(last=False)
     _JIT.move_to_end(key)
-    return _JIT[key](lm_params, jnp.asarray(input_ids, jnp.int32), jnp.asarray(attention_mask, jnp.int32), rng)
+    return _JIT[key](lm_params, jnp.asarray(input_ids, jnp.int32), jnp.asarray(attention_mask, jnp.int32),
+                     jnp.asarray(decoder_input_ids, jnp.int32), rng)
 
 
 # --------------------------------------------------------------------------------------------
@@ -237,32 +244,35 @@ class Seq2SeqAsCausal(nn.Module):
         return _CausalView(logits, values, hidden)
 
 
-def causal_layout_masks(query_length: int, response_mask: Array, extra_mask: Optional[Array] = None) -> Array:
-    """TRL's encoder-decoder masks placed in the causal rollout layout [B, P + N - 1]: decoder
-    position t sits at column P + t. ``extra_mask`` [B, N] (PPO's ``response_masks``) multiplies
-    position t by ``extra_mask[t]``, unshifted, as TRL does for encoder-decoders."""
+def response_aligned_masks(response_mask: Array, extra_mask: Optional[Array] = None) -> Array:
+    """TRL's encoder-decoder masks aligned with the decoder tokens, [B, N] (the layout of
+    ``rljax.rollout.Rollout``): token j counts iff TRL's position j - 1 does, i.e.
+    ``2 <= j <= len - 1``. ``extra_mask`` [B, N] (PPO's ``response_masks``) multiplies token j
+    by ``extra_mask[j - 1]``: TRL multiplies its position t by ``response_masks[t]``, unshifted."""
     masks = trl_decoder_masks(response_mask)
     if extra_mask is not None:
         masks = masks * extra_mask[:, : masks.shape[1]].astype(jnp.float32)
-    return jnp.concatenate([jnp.zeros((masks.shape[0], query_length), jnp.float32), masks], axis=1)
+    return jnp.concatenate([jnp.zeros((masks.shape[0], 1), jnp.float32), masks], axis=1)
 
 
-def make_seq2seq_forward_rollout(module, query_length: int, kl_penalty_mode: str = "kl") -> Tuple[nn.Module, Callable]:
+def make_seq2seq_forward_rollout(module, query_length: int, kl_penalty_mode: str = "kl",
+                                 chunk_size: Optional[int] = None) -> Tuple[nn.Module, Callable]:
     """``(causal_view, forward)`` for PPO on an encoder-decoder value-head ``module``.
 
-    ``causal_view = Seq2SeqAsCausal(module, query_length)`` is what ``make_ppo_step`` gets;
-    ``forward(params, ref_params, queries [B, P], query_mask, responses [B, N], response_mask)``
-    returns a ``rljax.ppo_train.Rollout`` in the causal layout (T = P + N - 1) with TRL's
-    encoder-decoder masks. Not jitted itself."""
-    from rljax.ppo_train import make_forward_rollout
+    ``causal_view = Seq2SeqAsCausal(module, query_length)`` is what ``make_ppo_step`` gets (its
+    response window, columns ``P-1 .. P+N-2``, holds the decoder's predictions of decoder tokens
+    ``0 .. N-1``); ``forward(params, ref_params, queries [B, P], query_mask, responses [B, N],
+    response_mask)`` returns a ``rljax.rollout.Rollout`` ([B, N] arrays) with TRL's
+    encoder-decoder masks (``response_aligned_masks``). Not jitted itself."""
+    from rljax.rollout import make_forward_rollout
 
     view = Seq2SeqAsCausal(module, query_length)
-    causal = make_forward_rollout(view, kl_penalty_mode)
+    causal = make_forward_rollout(view, kl_penalty_mode, chunk_size=chunk_size)
 
     def forward(params, ref_params, queries, query_mask, responses, response_mask):
         chex.assert_shape(queries, (None, query_length))
         rollout = causal(params, ref_params, queries, query_mask, responses, response_mask)
-        return rollout.replace(masks=causal_layout_masks(query_length, response_mask))
+        return rollout.replace(masks=response_aligned_masks(response_mask))
 
     return view, forward
 
@@ -273,6 +283,6 @@ __all__ = [
     "seq2seq_forward",
     "trl_decoder_masks",
     "Seq2SeqAsCausal",
-    "causal_layout_masks",
+    "response_aligned_masks",
     "make_seq2seq_forward_rollout",
 ]

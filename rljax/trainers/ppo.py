@@ -249,7 +249,9 @@ class PPOTrainer:
         config.world_size = jax.process_count()
         config.global_backward_batch_size = config.backward_batch_size * config.world_size
         config.global_batch_size = config.batch_size * config.world_size
-        config.is_encoder_decoder, config.is_peft_model = False, is_peft_module(self.module)
+        config.is_encoder_decoder = bool(getattr(self.module, "is_encoder_decoder", False))
+        config.is_peft_model = is_peft_module(self.module)
+        self.is_encoder_decoder = config.is_encoder_decoder
         # PEFT without a ref_model (TRL's optional_peft_ctx): the reference is the policy with its
         # adapters disabled, on the policy's own params (state.ref_params is None: no copy).
         peft_ref = config.is_peft_model and ref_model is None
@@ -372,6 +374,21 @@ class PPOTrainer:
             return forward(params, ref, queries, qmask, responses, rmask)
 
         return fn
+
+    def _encoder_decoder_fns(self, query_length: int):
+        """(forward, ppo_step) for an encoder-decoder policy and queries padded to ``query_length``:
+        ``rljax.models.seq2seq``'s TRL encoder-decoder forward and the shared PPO step over a
+        ``Seq2SeqAsCausal`` view (one compiled pair per query-length bucket)."""
+        from rljax.models.seq2seq import make_seq2seq_forward_rollout
+
+        if self.mesh is not None or self.num_shared_layers is not None or self._ref_module is not None:
+            raise ValueError("Encoder-decoder PPO runs without mesh=, num_shared_layers and PEFT (pass none of them).")
+        c = self.config
+        view, forward = make_seq2seq_forward_rollout(self.module, query_length, c.kl_penalty, c.mini_batch_size)
+        fwd = _cached_jit(("s2s_forward", view, c.kl_penalty, c.mini_batch_size), lambda: jax.jit(forward))
+        step = _cached_jit(("s2s_ppo_step", view, _config_key(c), self._tx_key),
+                           lambda: jax.jit(make_ppo_step(view, c, tx=self._tx), donate_argnums=(0,)))
+        return fwd, step
 
     def _jit_on_mesh(self, mesh) -> None:
         """Shard the state by the family's rules (params, reference, Adam moments) and jit the
@@ -598,6 +615,9 @@ class PPOTrainer:
             mask = pad_sequences([np.ones(len(q), np.int32) for q in rows], 0, "left", P)
             rng, k1, k2 = jax.random.split(rng, 3)
             for params, sink, key in ((policy_params, outs, k1),) + (((ref_full, ref_outs, k2),) if generate_ref_response else ()):
+                if self.is_encoder_decoder:  # TRL returns the decoder output, start token included
+                    self._append_decoder_outputs(params, ids, mask, key, kw, sink, len(chunk), remove_padding, limit)
+                    continue
                 gen = _generate(self.module, params, ids, mask, key, new_tokens_limit=limit, **kw)
                 seqs = np.asarray(gen.sequences)[: len(chunk)]
                 if limit is not None:
@@ -608,6 +628,23 @@ class PPOTrainer:
         if single:  # TRL returns model.generate's [1, length] tensor for a single query
             outs, ref_outs = outs[0][None, :], (ref_outs[0][None, :] if ref_outs else None)
         return (outs, ref_outs) if generate_ref_response else outs
+
+    def _append_decoder_outputs(self, params, ids, mask, key, kw, sink, n, remove_padding, limit=None) -> None:
+        """Encoder-decoder generation for one chunk: each row's decoder tokens (start token first),
+        cut after the first eos when ``remove_padding`` (TRL), else up to the longest row."""
+        from rljax.models.seq2seq import seq2seq_generate
+
+        kw = {k: v for k, v in kw.items() if k not in ("new_tokens_limit",)}
+        if limit is not None:  # a LengthSampler draw: one program per drawn length here
+            kw["max_new_tokens"] = int(limit)
+        gen = seq2seq_generate(self.module, params, ids, mask, key, **kw)
+        seqs = np.asarray(gen.sequences)[:n]
+        width = int(np.asarray(gen.response_mask)[:n].sum(-1).max())  # HF stops when every row is done
+        eos = kw.get("eos_token_id")
+        eos = [] if eos is None else [int(e) for e in np.atleast_1d(eos)]
+        for row in seqs[:, :width]:
+            hits = np.nonzero(np.isin(row[1:], eos))[0] if eos else []
+            sink.append(row[: hits[0] + 2] if remove_padding and len(hits) else row)
 
     # -- the step ---------------------------------------------------------------------------
     def _check_token_ids(self, queries: List[np.ndarray], responses: List[np.ndarray]) -> None:
@@ -699,17 +736,27 @@ class PPOTrainer:
         extra = None
         if response_masks is not None:
             extra = pad_sequences([np.asarray(m) for m in response_masks], 0, "right", N).astype(np.float32)
-        # Advantages are whitened over all response tokens of the batch: that needs at least 2.
-        check_whiten_mask(rm if extra is None else rm * extra)
+        forward, ppo_step = self._forward, self._ppo_step
+        if self.is_encoder_decoder:  # queries -> encoder, responses (start token first) -> decoder
+            from rljax.models.seq2seq import response_aligned_masks
+
+            forward, ppo_step = self._encoder_decoder_fns(P)
+            masks = np.asarray(response_aligned_masks(jnp.asarray(rm), None if extra is None else jnp.asarray(extra)))
+            check_whiten_mask(masks)
+        else:
+            # Advantages are whitened over all response tokens of the batch: that needs at least 2.
+            check_whiten_mask(rm if extra is None else rm * extra)
         self._sync_before_step()
         t = time.time()
-        rollout = self._forward(self.state.params, self.state.ref_params, q, qm, r, rm)
-        if extra is not None:  # the rollout's [B, N] arrays are aligned with the responses
+        rollout = forward(self.state.params, self.state.ref_params, q, qm, r, rm)
+        if self.is_encoder_decoder:
+            rollout = rollout.replace(masks=jnp.asarray(masks))
+        elif extra is not None:  # the rollout's [B, N] arrays are aligned with the responses
             rollout = rollout.replace(masks=rollout.masks * extra)
         jax.block_until_ready(rollout.logprobs)
         t_forward = time.time() - t
         t = time.time()
-        self.state, stats = self._ppo_step(self.state, rollout, jnp.asarray(np.asarray(scores, np.float32)))
+        self.state, stats = ppo_step(self.state, rollout, jnp.asarray(np.asarray(scores, np.float32)))
         self._publish()
         jax.block_until_ready(stats)
         t_opt = time.time() - t
