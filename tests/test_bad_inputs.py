@@ -644,9 +644,9 @@ def sft_without_tokenizer(env):
     _sft(env, tokenizer=None)
 
 
-@case(ValueError, "peft_config=None")
+@case(ValueError, "LoraConfig.r must be a positive int")
 def sft_peft_config(env):
-    _sft(env, peft_config={"r": 8})
+    _sft(env, peft_config={"r": 0})
 
 
 @case(ValueError, "model_init_kwargs to the SFTTrainer. But your model is already instantiated")

@@ -184,8 +184,9 @@ def test_dpo_configuration_errors(tiny_tokenizer, model, tmp_path):
         DPOTrainer(model, args=config(tmp_path), train_dataset=[{"prompt": "a", "chosen": "b"}], tokenizer=tiny_tokenizer)
     with pytest.raises(ValueError, match="loss_type"):
         DPOTrainer(model, args=config(tmp_path), loss_type="nope", train_dataset=pairs(4, 0), tokenizer=tiny_tokenizer)
-    with pytest.raises(ValueError, match="PEFT"):
-        DPOTrainer(model, args=config(tmp_path), peft_config={"r": 8}, train_dataset=pairs(4, 0), tokenizer=tiny_tokenizer)
+    with pytest.raises(ValueError, match="second PEFT adapter"):
+        DPOTrainer(model, args=config(tmp_path), peft_config={"r": 8}, ref_adapter_name="ref", train_dataset=pairs(4, 0),
+                   tokenizer=tiny_tokenizer)
     with pytest.warns(UserWarning) as record:
         trainer = DPOTrainer(model, args=config(tmp_path, max_length=None, max_prompt_length=None), tokenizer=tiny_tokenizer)
     assert any("512" in str(w.message) for w in record) and any("128" in str(w.message) for w in record)

@@ -48,12 +48,13 @@ def test_peft_quantization_and_device_map_helpers():
     assert get_peft_config(ModelConfig()) is None
     assert get_quantization_config(ModelConfig()) is None
     assert get_kbit_device_map() is None
-    with pytest.raises(NotImplementedError, match=r"use_peft=True.*drop --use_peft"):
-        get_peft_config(ModelConfig(use_peft=True, lora_r=64))
-    with pytest.raises(NotImplementedError, match=r"load_in_4bit=True.*torch_dtype bfloat16"):
-        get_quantization_config(ModelConfig(load_in_4bit=True))
-    with pytest.raises(NotImplementedError, match="load_in_8bit=True"):
-        get_quantization_config(ModelConfig(load_in_8bit=True))
+    lora = get_peft_config(ModelConfig(use_peft=True, lora_r=64, lora_target_modules=["q_proj"]))
+    assert (lora.r, lora.lora_alpha, lora.lora_dropout, lora.target_modules, lora.task_type) == (
+        64, 32, 0.05, ("q_proj",), "CAUSAL_LM")
+    assert get_quantization_config(ModelConfig(load_in_4bit=True)).quantization == "nf4"
+    assert get_quantization_config(ModelConfig(load_in_8bit=True)).quantization == "int8"
+    with pytest.raises(ValueError, match="nested quantization"):
+        get_quantization_config(ModelConfig(load_in_4bit=True, use_bnb_nested_quant=True))
 
 
 def test_top_level_exports_match_trl():

@@ -411,7 +411,7 @@ def test_sft_trainer_tag(ctx, tmp_path):
     assert trainer.model.model_tags == trainer._tag_names
 
 
-def test_peft_config_is_rejected_with_the_fix(ctx, tmp_path):
-    with pytest.raises(ValueError, match="peft_config=None"):
+def test_invalid_peft_config_is_rejected_with_the_fix(ctx, tmp_path):
+    with pytest.raises(ValueError, match="use_dora=True"):
         SFTTrainer(model=ctx.model, args=args_(tmp_path), tokenizer=ctx.tokenizer, train_dataset=ctx.train_dataset,
-                   packing=True, peft_config={"r": 16})
+                   packing=True, peft_config={"r": 16, "use_dora": True})

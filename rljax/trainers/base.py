@@ -323,6 +323,8 @@ def module_in_dtype(module: Any, dtype: Any) -> Any:
     wrapper's LM's. Logits, values and scores still come out in float32."""
     if hasattr(module, "lm"):
         return module.clone(lm=module_in_dtype(module.lm, dtype))
+    if hasattr(module, "with_dtype"):  # a wrapper (rljax.models.peft.LoraModel) rebuilds its base
+        return module.with_dtype(dtype)
     if "dtype" not in {f.name for f in dataclasses.fields(module)}:
         raise ValueError(
             f"bf16=True needs a model whose compute dtype can be set; {type(module).__name__} has no `dtype` "
@@ -332,7 +334,7 @@ def module_in_dtype(module: Any, dtype: Any) -> Any:
 
 
 def make_train_step(loss_fn: LossFn, gradient_accumulation_steps: int = 1, donate: bool = True,
-                    gradient_checkpointing: bool = False) -> Callable:
+                    gradient_checkpointing: bool = False, trainable: Any = None) -> Callable:
     """Build ``train_step(state, batch) -> (state, metrics)``, jitted.
 
     ``batch`` leaves are ``[gradient_accumulation_steps * micro_batch, ...]``; gradients
@@ -341,6 +343,9 @@ def make_train_step(loss_fn: LossFn, gradient_accumulation_steps: int = 1, donat
     every metric ``loss_fn`` returns, plus ``loss`` and ``grad_norm`` (before clipping).
     ``gradient_checkpointing``: wrap ``loss_fn`` in ``jax.checkpoint``, so the backward pass
     recomputes the forward instead of keeping its activations from the forward pass.
+    ``trainable``: a bool pytree like the params (PEFT: ``rljax.models.peft.trainable_mask``);
+    gradients are taken w.r.t. the True leaves only (a quantized or frozen base never gets a
+    gradient buffer), the others get zero updates (pair it with a frozen-aware optimizer).
     """
     from rljax.sharding import constrain_batch
 
@@ -353,16 +358,22 @@ def make_train_step(loss_fn: LossFn, gradient_accumulation_steps: int = 1, donat
         micro = jax.tree_util.tree_map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
         micro = constrain_batch(micro, batch_axis=1)  # on a mesh: each micro-batch's rows stay split
         keys = jax.random.split(rng, accum)
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        if trainable is None:
+            train_params, grad_fn = state.params, jax.value_and_grad(loss_fn, has_aux=True)
+        else:
+            from rljax.models.peft import merge_trainable, split_trainable
+
+            train_params, frozen = split_trainable(state.params, trainable)
+            grad_fn = jax.value_and_grad(lambda tp, mb, key: loss_fn(merge_trainable(tp, frozen), mb, key), has_aux=True)
 
         def body(acc, inputs):
             mb, key = inputs
-            (loss, metrics), grads = grad_fn(state.params, mb, key)
+            (loss, metrics), grads = grad_fn(train_params, mb, key)
             metrics = dict(metrics, loss=loss)
             acc = jax.tree_util.tree_map(jnp.add, acc, (grads, metrics))
             return acc, None
 
-        zero_grads = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+        zero_grads = jax.tree_util.tree_map(jnp.zeros_like, train_params)
         mb0 = jax.tree_util.tree_map(lambda x: x[0], micro)
         metric_shapes = jax.eval_shape(lambda: dict(loss_fn(state.params, mb0, keys[0])[1], loss=jnp.zeros(())))
         zero_metrics = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
@@ -370,6 +381,8 @@ def make_train_step(loss_fn: LossFn, gradient_accumulation_steps: int = 1, donat
         grads = jax.tree_util.tree_map(lambda g: g / accum, grads)
         metrics = jax.tree_util.tree_map(lambda m: m / accum, metrics)
         metrics["grad_norm"] = optax.global_norm(grads)
+        if trainable is not None:  # zero "gradients" for the frozen leaves (their updates are zero)
+            grads = merge_trainable(grads, jax.tree_util.tree_map(jnp.zeros_like, frozen))
         return state.apply_gradients(grads), metrics
 
     return jax.jit(train_step, donate_argnums=(0,) if donate else ())
@@ -547,6 +560,9 @@ class Trainer:
         self.module = model
         self.model = model_object if model_object is not None else model
         self._model_object = model_object
+        # PEFT (rljax.models.peft): only the adapters (+ modules_to_save) train and have
+        # optimizer state; save_model writes PEFT's adapter files.
+        self.peft_config, self._trainable = peft_setup(model, params, model_object)
         self.mesh = mesh  # a jax.sharding.Mesh (rljax.sharding.make_mesh): shard state and batches on it
         self.args = args
         self.train_dataset = train_dataset
@@ -668,6 +684,9 @@ class Trainer:
         else:
             self.schedule = sched
             tx = optax.chain(*_clipping(args), opt)
+        if self._trainable is not None:  # PEFT: no updates and no optimizer state for the frozen base
+            labels = jax.tree_util.tree_map(lambda t: "train" if t else "frozen", self._trainable)
+            tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
         self.optimizer, self.lr_scheduler = tx, self.schedule
         params = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), self.params)
         return TrainState.create(params, tx, jax.random.PRNGKey(args.seed))
@@ -957,7 +976,8 @@ class Trainer:
         partition rules, batches on (data, fsdp), and the step is jitted with those shardings."""
         accum = self.args.gradient_accumulation_steps if accum is None else accum
         micro_batch = self.args.per_device_train_batch_size if micro_batch is None else micro_batch
-        step = make_train_step(self.loss_fn, accum, gradient_checkpointing=self.args.gradient_checkpointing)
+        step = make_train_step(self.loss_fn, accum, gradient_checkpointing=self.args.gradient_checkpointing,
+                               trainable=self._trainable)
         if self.mesh is None:
             return step
         from rljax.sharding import batch_sharding, jit_sharded, replicated
@@ -1061,7 +1081,13 @@ class Trainer:
         """Write the model in HF format (config.json + safetensors) to ``output_dir``, with a
         model card README.md carrying ``model_tags`` (e.g. TRL's ``trl``, ``dpo``) when any."""
         output_dir = output_dir or self.args.output_dir
-        self._save(output_dir)
+        if self.peft_config is not None:  # TRL saves a PeftModel's adapter (PEFT's files), not the base
+            from rljax.models.hub import family_of
+            from rljax.models.peft import save_adapter
+
+            save_adapter(output_dir, self.params, self.peft_config, family_of(self.module.config))
+        else:
+            self._save(output_dir)
         if self.model_tags:
             write_model_card(output_dir, self.model_tags, type(self).__name__)
 
@@ -1211,13 +1237,27 @@ def model_object_of(model: Any) -> Any:
     return model if (hasattr(model, "module") and hasattr(model, "params") and not isinstance(model, tuple)) else None
 
 
-def reject_peft(peft_config: Any, owner: str) -> None:
-    """PEFT adapters are a separate feature: a clear error unless ``peft_config`` is None."""
-    if peft_config is not None:
-        raise ValueError(
-            f"{owner}: peft_config is not supported yet (PEFT/LoRA adapters are a separate rljax feature); pass "
-            "peft_config=None to train all params."
-        )
+def apply_peft(module: Any, params: Any, peft_config: Any, owner: str) -> Tuple[Any, Any, Any]:
+    """TRL's ``peft_config=``: ``(module, params, peft_model)`` with fresh LoRA adapters
+    (``rljax.models.peft.get_peft_model``), or the inputs unchanged (and None) without one."""
+    if peft_config is None:
+        return module, params, None
+    from rljax.models.peft import get_peft_model, is_peft_module
+
+    if is_peft_module(module):
+        raise ValueError(f"{owner}: the model already has LoRA adapters and peft_config was given too; pass one of them.")
+    peft_model = get_peft_model((module, params), peft_config)
+    return peft_model.module, peft_model.params, peft_model
+
+
+def peft_setup(module: Any, params: Any, model_object: Any = None) -> Tuple[Any, Any]:
+    """``(LoraConfig, trainable mask)`` of a PEFT model (``rljax.models.peft``), else ``(None, None)``."""
+    from rljax.models.peft import LoraConfig, is_peft_module, trainable_mask
+
+    if params is None or not is_peft_module(module):
+        return None, None
+    config = getattr(model_object, "lora_config", None) or LoraConfig()
+    return config, trainable_mask(params, config)
 
 
 def apply_overrides(config: Any, overrides: Dict[str, Any], owner: str) -> Any:

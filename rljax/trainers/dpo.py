@@ -22,7 +22,8 @@ Differences from TRL 0.7.11 (deliberate):
 * ``generate_during_eval=True`` raises a ``ValueError``: TRL uses it only to log sample
   generations to Weights & Biases, which rljax does not do (sample with
   :func:`rljax.generation.generate` on ``trainer.params`` instead).
-* Decoder-only models only; PEFT adapters are not supported yet (a ``ValueError`` says so).
+* Decoder-only models only. ``peft_config=`` trains LoRA adapters (``rljax.models.peft``); without a
+  ``ref_model`` the reference is the policy with its adapters disabled (TRL's ``null_ref_context``).
 * A tokenizer without a pad token (and no ``padding_value``) fails when the trainer is
   built, with TRL's message (TRL raises it at the first collation, inside ``train()``).
 """
@@ -44,11 +45,12 @@ from rljax.trainers.base import (
     TrainingArguments,
     apply_overrides,
     model_object_of,
+    apply_peft,
     module_in_dtype,
-    reject_peft,
     resolve_model,
     resolve_tokenizer,
 )
+from rljax.models.peft import is_peft_module, with_adapters_enabled
 
 _REF_KEYS = ("reference_chosen_logps", "reference_rejected_logps")
 
@@ -130,8 +132,9 @@ class DPOTrainer(Trainer):
     given here or on ``DPOConfig`` (keywords win). ``callbacks`` / ``optimizers`` /
     ``compute_metrics`` / ``preprocess_logits_for_metrics``: see
     :class:`rljax.trainers.base.Trainer` (predictions are TRL's per-batch
-    ``[logits/chosen, logits/rejected]`` means, labels 0). ``peft_config`` and the adapter
-    names must be None (PEFT is not supported yet); encoder-decoder models are not supported.
+    ``[logits/chosen, logits/rejected]`` means, labels 0). ``peft_config``: LoRA adapters
+    (reference = adapters off when no ref model is given); the adapter names must be None;
+    encoder-decoder models are not supported.
     """
 
     _tag_names = ["trl", "dpo"]
@@ -178,10 +181,10 @@ class DPOTrainer(Trainer):
             raise ValueError("You passed model_init_kwargs to the DPOTrainer, but your model is already instantiated.")
         if ref_model_init_kwargs is not None and not isinstance(ref_model, str):
             raise ValueError("You passed ref_model_init_kwargs to the DPOTrainer, but your ref_model is already instantiated.")
-        reject_peft(peft_config, "DPOTrainer")
         for name, value in (("model_adapter_name", model_adapter_name), ("ref_adapter_name", ref_adapter_name)):
             if value is not None:
-                raise ValueError(f"DPOTrainer: {name} names a PEFT adapter; PEFT is not supported yet, pass None.")
+                raise ValueError(f"DPOTrainer: {name} names a second PEFT adapter; rljax models hold one adapter "
+                                 "(the reference is the model with it disabled), pass None.")
         if is_encoder_decoder:
             raise ValueError("rljax's DPOTrainer supports decoder-only (causal LM) models only (encoder-decoder is not supported yet).")
         args = args if args is not None else DPOConfig()
@@ -238,12 +241,19 @@ class DPOTrainer(Trainer):
         if isinstance(ref_model, str):
             ref_model = _load_causal_lm(ref_model, ref_model_init_kwargs, "ref_model")
         module, params = resolve_model(model, params)
+        module, params, peft_model = apply_peft(module, params, peft_config, "DPOTrainer")
+        model_object = peft_model if peft_model is not None else model_object_of(model)
+        self._ref_is_policy = False
         if ref_model is not None:
             ref_module, ref_params = resolve_model(ref_model, ref_params)
+        elif is_peft_module(module) and ref_params is None:
+            # TRL's null_ref_context: the policy with its adapters disabled, on the policy's own
+            # (current) params; the frozen base is never copied.
+            ref_module, ref_params, self._ref_is_policy = with_adapters_enabled(module, False), None, True
         else:  # create_reference_model semantics: the initial policy, frozen (jax arrays are immutable)
             ref_module, ref_params = module, (ref_params if ref_params is not None else params)
         super().__init__(
-            module, params, args, None, None, mesh=mesh, model_object=model_object_of(model), callbacks=callbacks,
+            module, params, args, None, None, mesh=mesh, model_object=model_object, callbacks=callbacks,
             compute_metrics=compute_metrics, optimizers=optimizers,
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         )
@@ -251,7 +261,7 @@ class DPOTrainer(Trainer):
         self.ref_model = ref_model if ref_model is not None else None
         self.ref_module = ref_module
         self.ref_params = ref_params
-        if mesh is not None:  # the reference is sharded by its family's rules, like the policy (a copy: the step donates)
+        if mesh is not None and ref_params is not None:  # the reference is sharded by its family's rules, like the policy (a copy: the step donates)
             from rljax.sharding import shard_params
 
             self.ref_params = shard_params(ref_params, mesh, copy=True)
@@ -280,6 +290,11 @@ class DPOTrainer(Trainer):
         self.eval_dataset = self._tokenize_eval(eval_dataset) if eval_dataset is not None else None
         self._precomputed_train = False
         self._precomputed_eval = False
+
+    def _ref_params_now(self) -> Any:
+        """The reference's params: its own, or (PEFT without a ref model) the policy's current
+        params, read with adapters off."""
+        return self.params if self._ref_is_policy else self.ref_params
 
     def _make_predict_fn(self) -> Callable:
         loss_fn = self.loss_fn
@@ -339,7 +354,7 @@ class DPOTrainer(Trainer):
         """Pad a list of token rows; add the reference log-probs unless precomputed."""
         batch = self._pad_pairs(examples)
         if not all(k in batch for k in _REF_KEYS):
-            rc, rr = self._reference_logps(self.ref_params, batch)
+            rc, rr = self._reference_logps(self._ref_params_now(), batch)
             batch["reference_chosen_logps"], batch["reference_rejected_logps"] = rc, rr
         return batch
 
@@ -352,7 +367,7 @@ class DPOTrainer(Trainer):
             n = len(rows)
             rows_padded = rows + [rows[0]] * (batch_size - n)  # one compiled shape for the tail
             batch = self._pad_pairs([{k: r[k] for k in r if k not in _REF_KEYS} for r in rows_padded])
-            rc, rr = jax.device_get(self._reference_logps(self.ref_params, batch))
+            rc, rr = jax.device_get(self._reference_logps(self._ref_params_now(), batch))
             for i, r in enumerate(rows):
                 out.append(dict(r, reference_chosen_logps=float(rc[i]), reference_rejected_logps=float(rr[i])))
         return out
@@ -424,14 +439,14 @@ class DPOTrainer(Trainer):
 
     def compute_reference_log_probs(self, padded_batch: Dict[str, Any]):
         """TRL's ``compute_reference_log_probs``: ``(reference_chosen_logps [B], reference_rejected_logps [B])``."""
-        return self._reference_logps(self.ref_params, self._pair_batch(padded_batch))
+        return self._reference_logps(self._ref_params_now(), self._pair_batch(padded_batch))
 
     def get_batch_loss_metrics(self, model: Any, batch: Dict[str, Any], train_eval: str = "train"):
         """TRL's ``get_batch_loss_metrics``: ``(loss, metrics)`` with TRL's keys (``eval_`` prefixed
         for ``train_eval="eval"``); reference log-probs from the batch or the reference model."""
         batch = self._pair_batch(batch)
         if not all(k in batch for k in _REF_KEYS):
-            rc, rr = self._reference_logps(self.ref_params, batch)
+            rc, rr = self._reference_logps(self._ref_params_now(), batch)
             batch = dict(batch, reference_chosen_logps=rc, reference_rejected_logps=rr)
         loss, metrics = jax.jit(self.loss_fn)(self._params_of(model), {k: jnp.asarray(v) for k, v in batch.items()}, None)
         prefix = "eval_" if train_eval == "eval" else ""

@@ -5,12 +5,13 @@
 Fields and defaults are TRL 0.7.11's. The helpers return what a script passes on to
 ``from_pretrained`` / a trainer:
 
-- ``get_peft_config(model_config)``: ``None`` without ``use_peft``; rljax has no LoRA / PEFT
-  adapters yet, so ``use_peft=True`` raises ``NotImplementedError`` instead of training the
-  full model behind the user's back.
+- ``get_peft_config(model_config)``: ``None`` without ``use_peft``, else an
+  ``rljax.models.peft.LoraConfig`` from the ``lora_*`` fields (task CAUSAL_LM, bias "none"),
+  as TRL builds PEFT's.
 - ``get_quantization_config(model_config)``: ``None`` unless ``load_in_8bit`` /
-  ``load_in_4bit``; rljax has no bitsandbytes quantization, so those raise
-  ``NotImplementedError``.
+  ``load_in_4bit``; then a :class:`BitsAndBytesConfig` (the fields TRL sets) that
+  ``from_pretrained(..., quantization_config=...)`` turns into rljax's int8 / NF4 weight-only
+  quantization of the frozen base (``rljax.models.quant``; fp4 and nested quantization refused).
 - ``get_kbit_device_map()``: always ``None``. JAX places arrays with meshes and shardings
   (``rljax.sharding``, every trainer's ``mesh=``), not with a ``device_map``; TRL also returns
   ``None`` without a GPU.
@@ -21,18 +22,34 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-__all__ = ["ModelConfig", "get_peft_config", "get_quantization_config", "get_kbit_device_map"]
+__all__ = ["ModelConfig", "BitsAndBytesConfig", "get_peft_config", "get_quantization_config", "get_kbit_device_map"]
 
 TORCH_DTYPES = ("auto", "bfloat16", "float16", "float32")
 
-_PEFT_MESSAGE = (
-    "use_peft=True: rljax does not support PEFT / LoRA adapters yet (planned as rljax.models.peft, a separate "
-    "issue). Train the full model: drop --use_peft (and the --lora_* options)."
-)
-_QUANT_MESSAGE = (
-    "{flag}=True: rljax does not support bitsandbytes {bits}-bit loading. Load the model in a smaller float "
-    "dtype instead (--torch_dtype bfloat16) and drop --{flag}."
-)
+
+
+@dataclass
+class BitsAndBytesConfig:
+    """transformers' ``BitsAndBytesConfig`` fields TRL sets; ``quantization`` names rljax's
+    scheme ("int8" or "nf4", see ``rljax.models.quant``)."""
+
+    load_in_8bit: bool = False
+    load_in_4bit: bool = False
+    bnb_4bit_quant_type: str = "nf4"
+    bnb_4bit_use_double_quant: bool = False
+    bnb_4bit_compute_dtype: Any = None
+
+    def __post_init__(self) -> None:
+        if self.load_in_8bit == self.load_in_4bit:
+            raise ValueError("BitsAndBytesConfig: set exactly one of load_in_8bit and load_in_4bit.")
+        if self.load_in_4bit and self.bnb_4bit_quant_type != "nf4":
+            raise ValueError(f"bnb_4bit_quant_type={self.bnb_4bit_quant_type!r}: rljax implements 'nf4' only.")
+        if self.bnb_4bit_use_double_quant:
+            raise ValueError("bnb_4bit_use_double_quant=True (nested quantization) is not implemented by rljax; pass False.")
+
+    @property
+    def quantization(self) -> str:
+        return "int8" if self.load_in_8bit else "nf4"
 
 
 @dataclass
@@ -94,21 +111,26 @@ class ModelConfig:
         return out
 
 
-def get_peft_config(model_config: ModelConfig) -> None:
-    """TRL builds a ``LoraConfig`` from the ``lora_*`` fields when ``use_peft``; rljax returns
-    ``None`` without ``use_peft`` and raises ``NotImplementedError`` with it (no adapters yet)."""
-    if model_config.use_peft:
-        raise NotImplementedError(_PEFT_MESSAGE)
-    return None
+def get_peft_config(model_config: ModelConfig):
+    """TRL's helper: ``None`` without ``use_peft``, else a LoraConfig from the ``lora_*`` fields."""
+    if not model_config.use_peft:
+        return None
+    from rljax.models.peft import LoraConfig
+
+    return LoraConfig(
+        r=model_config.lora_r, lora_alpha=model_config.lora_alpha, lora_dropout=model_config.lora_dropout,
+        bias="none", task_type="CAUSAL_LM", target_modules=model_config.lora_target_modules,
+        modules_to_save=model_config.lora_modules_to_save,
+    )
 
 
-def get_quantization_config(model_config: ModelConfig) -> None:
-    """``None`` unless ``load_in_8bit`` / ``load_in_4bit`` ask for bitsandbytes quantization,
-    which rljax does not have (``NotImplementedError`` naming the flag)."""
+def get_quantization_config(model_config: ModelConfig) -> Optional[BitsAndBytesConfig]:
+    """TRL's helper: ``None`` unless ``load_in_8bit`` / ``load_in_4bit``, else a BitsAndBytesConfig."""
     if model_config.load_in_4bit:
-        raise NotImplementedError(_QUANT_MESSAGE.format(flag="load_in_4bit", bits=4))
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=model_config.bnb_4bit_quant_type or "nf4",
+                                  bnb_4bit_use_double_quant=model_config.use_bnb_nested_quant)
     if model_config.load_in_8bit:
-        raise NotImplementedError(_QUANT_MESSAGE.format(flag="load_in_8bit", bits=8))
+        return BitsAndBytesConfig(load_in_8bit=True)
     return None
 
 

@@ -38,7 +38,7 @@ import numpy as np
 from rljax import data as D
 from rljax.losses import reward_loss
 from rljax.reward import as_score_model, compute_accuracy, make_reward_loss, make_reward_predict
-from rljax.trainers.base import Trainer, TrainingArguments, model_object_of, reject_peft
+from rljax.trainers.base import Trainer, TrainingArguments, apply_peft, model_object_of
 
 __all__ = ["RewardConfig", "RewardTrainer", "compute_accuracy", "REWARD_COLUMNS"]
 
@@ -84,7 +84,7 @@ class RewardTrainer(Trainer):
     (bucketed static lengths). ``compute_metrics`` defaults to TRL's :func:`compute_accuracy`
     over ``predict``-style predictions (``softmax([r_chosen, r_rejected])``, labels 0);
     ``callbacks`` / ``optimizers`` / ``preprocess_logits_for_metrics``: see
-    :class:`rljax.trainers.base.Trainer`. ``peft_config`` must be None (PEFT is not supported yet).
+    :class:`rljax.trainers.base.Trainer`. ``peft_config``: train LoRA adapters (TaskType.SEQ_CLS also trains ``score``).
     """
 
     _tag_names = ["trl", "reward-trainer"]
@@ -107,7 +107,6 @@ class RewardTrainer(Trainer):
         params: Any = None,
         mesh: Any = None,
     ):
-        reject_peft(peft_config, "RewardTrainer")
         args = args if args is not None else RewardConfig()
         if not isinstance(args, RewardConfig):
             warnings.warn("Using TrainingArguments for `args` is deprecated in TRL; use RewardConfig instead.", FutureWarning)
@@ -150,6 +149,8 @@ class RewardTrainer(Trainer):
         wrapper = model_object_of(model)
         if wrapper is not None and wrapper.module is not module:  # a causal LM turned into a score model
             wrapper = None
+        module, params, peft_model = apply_peft(module, params, peft_config, "RewardTrainer")
+        wrapper = peft_model if peft_model is not None else wrapper
         super().__init__(
             module, params, args, train_dataset, eval_dataset, mesh=mesh, model_object=wrapper, callbacks=callbacks,
             compute_metrics=compute_metrics, optimizers=optimizers,

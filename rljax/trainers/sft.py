@@ -32,6 +32,7 @@ from rljax.trainers.base import (
     Trainer,
     TrainingArguments,
     apply_overrides,
+    apply_peft,
     resolve_model,
     resolve_tokenizer,
 )
@@ -113,7 +114,7 @@ class SFTTrainer(Trainer):
     (keywords win); ``compute_metrics`` (with ``preprocess_logits_for_metrics``) gets the
     eval logits; ``callbacks`` and ``optimizers`` (an optax transformation / schedule) work as
     in :class:`rljax.trainers.base.Trainer`; ``infinite`` only warns (deprecated in TRL); a
-    ``peft_config`` other than None raises a ValueError (PEFT is not supported here yet).
+    ``peft_config`` (a LoraConfig, rljax's or peft's): train LoRA adapters only (``rljax.models.peft``).
     Other :class:`SFTConfig` fields may be passed as keywords too. A model given as a path is
     loaded as ``rljax.models.AutoModelForCausalLM`` (``trainer.model``); the trained params are
     written back to a model object at the end of ``train()``.
@@ -153,11 +154,6 @@ class SFTTrainer(Trainer):
         **kwargs: Any,
     ):
         # -- arguments TRL takes that rljax rejects or only warns about ---------------------
-        if peft_config is not None:
-            raise ValueError(
-                "SFTTrainer got a peft_config, but PEFT/LoRA adapters are not supported by rljax's SFTTrainer yet; "
-                "pass peft_config=None to fine-tune all parameters."
-            )
         if preprocess_logits_for_metrics is not None and compute_metrics is None:
             raise ValueError("preprocess_logits_for_metrics only runs with compute_metrics; pass compute_metrics too.")
         if model_init_kwargs is not None and not isinstance(model, str):
@@ -231,6 +227,8 @@ class SFTTrainer(Trainer):
                 f"You didn't pass a `max_seq_length` argument to the SFTTrainer, this will default to {args.max_seq_length}"
             )
 
+        module, params, peft_model = apply_peft(module, params, peft_config, "SFTTrainer")
+        model_object = peft_model if peft_model is not None else model_object
         self.tokenizer = tokenizer  # before the base __init__: callbacks' on_init_end may read it
         super().__init__(
             module, params, args, None, None, mesh=mesh, model_object=model_object, callbacks=callbacks,

@@ -1,0 +1,233 @@
+"""rljax.models.peft: LoRA adapters in PEFT's format, the adapter-off reference (PPO, DPO),
+reward/SFT trainers with ``peft_config=``, and interop with HF ``peft`` (test-only dependency)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax.traverse_util import flatten_dict
+
+from rljax.models.gpt2 import GPT2Config
+from rljax.models.heads import AutoModelForCausalLMWithValueHead
+from rljax.models.hub import init_params, model_from_config
+from rljax.models.peft import (
+    LoraConfig,
+    PeftModel,
+    get_peft_model,
+    load_adapter,
+    trainable_mask,
+)
+from rljax.ppo import PPOConfig
+from rljax.trainers.ppo import PPOTrainer
+
+BATCH = 4
+
+
+def changed(a, b):
+    fb = flatten_dict(b)
+    return {"/".join(k) for k, v in flatten_dict(a).items() if not np.array_equal(np.asarray(v), np.asarray(fb[k]))}
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_tokenizer):
+    tok = tiny_tokenizer
+    module = model_from_config(GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+    return module, init_params(module, jax.random.PRNGKey(0))
+
+
+def ids_batch(vocab, seed=0, shape=(2, 7)):
+    return jnp.asarray(np.random.RandomState(seed).randint(3, vocab, shape))
+
+
+def test_adapters_off_is_the_base_and_merge_and_unload_matches(lm):
+    module, params = lm
+    ids = ids_batch(module.config.vocab_size)
+    base = module.apply({"params": params}, ids).logits
+    pm = get_peft_model((module, params), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False))
+    kernel = flatten_dict(pm.params)[("transformer", "h_0", "attn", "c_attn", "lora_A")]
+    assert kernel.shape == (32, 4)  # [in, r] beside the [in, out] kernel
+    on = pm.module.apply({"params": pm.params}, ids).logits
+    with pm.disable_adapter():
+        off = pm.module.apply({"params": pm.params}, ids).logits
+    merged_module, merged = pm.merge_and_unload()
+    assert np.abs(np.asarray(on - base)).max() > 1e-2  # random B: the adapter does something
+    np.testing.assert_array_equal(np.asarray(off), np.asarray(base))
+    np.testing.assert_allclose(np.asarray(merged_module.apply({"params": merged}, ids).logits), np.asarray(on), atol=1e-5)
+    assert set(flatten_dict(merged)) == set(flatten_dict(params))
+    # PEFT's default init (B = 0): a fresh adapter is a no-op.
+    fresh = get_peft_model((module, params), LoraConfig(r=4))
+    np.testing.assert_allclose(np.asarray(fresh.module.apply({"params": fresh.params}, ids).logits), np.asarray(base),
+                               atol=1e-6)
+    t, a = fresh.get_nb_trainable_parameters()
+    assert t == 2 * (32 * 4 + 4 * 96) and a > t  # two layers of c_attn (in 32, out 96)
+
+
+def test_gradients_reach_only_adapters_and_value_head(lm):
+    module, params = lm
+    vh = AutoModelForCausalLMWithValueHead.from_lm(module, params)
+    pm = get_peft_model(vh, LoraConfig(r=4, init_lora_weights=False, target_modules=["c_attn", "c_fc"]))
+    ids = ids_batch(module.config.vocab_size)
+
+    def loss(p):
+        out = pm.module.apply({"params": p}, ids)
+        return out.logits.mean() + out.values.mean()
+
+    grads = flatten_dict(jax.grad(loss)(pm.params))
+    mask = flatten_dict(trainable_mask(pm.params, pm.lora_config))
+    assert {"/".join(k) for k, m in mask.items() if m} == {
+        f"transformer/h_{i}/{m}/{leaf}" for i in range(2) for m in ("attn/c_attn", "mlp/c_fc") for leaf in ("lora_A", "lora_B")
+    } | {"v_head/summary/kernel", "v_head/summary/bias"}
+    # The frozen base's kernels and embeddings get no weight gradient at all (stop_gradient).
+    for k, g in grads.items():
+        if k[-1] in ("kernel", "embedding") and k[0] != "v_head":
+            assert not np.any(np.asarray(g)), k
+    assert all(np.any(np.asarray(grads[k])) for k, m in mask.items() if m)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_adapter_files_load_in_hf_peft_and_back(family, tmp_path):
+    """rljax -> PEFT files -> peft.PeftModel on the transformers model: same logits; and an
+    adapter made by peft loads in rljax with the same logits (float32, atol 1e-5)."""
+    peft = pytest.importorskip("peft")
+    torch = pytest.importorskip("torch")
+    import transformers
+
+    from rljax.models import from_pretrained
+
+    cfg = {
+        "gpt2": lambda: transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                                bos_token_id=1, eos_token_id=2),
+        "llama": lambda: transformers.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
+                                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                  max_position_embeddings=64, bos_token_id=1, eos_token_id=2),
+    }[family]()
+    targets = None if family == "gpt2" else ["q_proj", "v_proj", "down_proj"]
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+    hf.save_pretrained(tmp_path / "base")
+    module, params = from_pretrained(str(tmp_path / "base"))
+    ids = np.random.RandomState(0).randint(3, 100, (2, 9))
+
+    ours = get_peft_model((module, params), LoraConfig(r=4, lora_alpha=16, target_modules=targets,
+                                                       init_lora_weights=False), rng=jax.random.PRNGKey(3))
+    ours.save_pretrained(str(tmp_path / "ours"))
+    fresh_hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", attn_implementation="eager")
+    theirs = peft.PeftModel.from_pretrained(fresh_hf, str(tmp_path / "ours")).eval()
+    with torch.no_grad():
+        expected = theirs(torch.tensor(ids)).logits.numpy()
+    got = np.asarray(ours.module.apply({"params": ours.params}, jnp.asarray(ids)).logits)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+    torch.manual_seed(1)
+    fresh_hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", attn_implementation="eager")
+    made = peft.get_peft_model(fresh_hf, peft.LoraConfig(r=2, lora_alpha=4, target_modules=targets,
+                                                         init_lora_weights=False)).eval()
+    made.save_pretrained(str(tmp_path / "theirs"))
+    with torch.no_grad():
+        expected = made(torch.tensor(ids)).logits.numpy()
+    loaded = PeftModel.from_pretrained((module, params), str(tmp_path / "theirs"))
+    got = np.asarray(loaded.module.apply({"params": loaded.params}, jnp.asarray(ids)).logits)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert loaded.lora_config.r == 2 and loaded.lora_config.scaling == 2.0
+
+
+def test_lora_config_refuses_what_it_does_not_implement(lm):
+    module, params = lm
+    with pytest.raises(ValueError, match="use_dora"):
+        LoraConfig(use_dora=True)
+    with pytest.raises(ValueError, match="rank_pattern"):
+        LoraConfig(rank_pattern={"c_attn": 4})
+    with pytest.raises(ValueError, match=r"matches no linear layer.*c_attn"):
+        get_peft_model((module, params), LoraConfig(target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="already has LoRA adapters"):
+        get_peft_model(get_peft_model((module, params), LoraConfig()), LoraConfig())
+
+
+# --------------------------------------------------------------------------
+# PPO: the reference is the policy with adapters off
+# --------------------------------------------------------------------------
+
+
+def test_ppo_peft_policy_reference_is_adapters_off_without_a_copy(lm, tiny_tokenizer, tmp_path):
+    module, params = lm
+    policy = get_peft_model(AutoModelForCausalLMWithValueHead.from_lm(module, params),
+                            LoraConfig(r=4, lora_alpha=8, init_lora_weights=False))
+    config = PPOConfig(batch_size=BATCH, mini_batch_size=2, ppo_epochs=1, learning_rate=1e-2)
+    trainer = PPOTrainer(config, policy, ref_model=None, tokenizer=tiny_tokenizer)
+    assert trainer.ref_model is None and trainer.state.ref_params is None and config.is_peft_model
+    # Optimizer state only for the adapters and the value head.
+    adam_leaves = [x for x in jax.tree_util.tree_leaves(trainer.state.opt_state) if getattr(x, "ndim", 0) >= 1]
+    n_trainable = sum(int(np.prod(x.shape)) for x, m in zip(jax.tree_util.tree_leaves(policy.params),
+                                                             jax.tree_util.tree_leaves(policy.trainable_mask())) if m)
+    assert sum(int(np.prod(x.shape)) for x in adam_leaves) == 2 * n_trainable
+
+    rs = np.random.RandomState(0)
+    vocab = len(tiny_tokenizer)
+    queries = [rs.randint(3, vocab, n) for n in (3, 5, 2, 6)]
+    responses = [rs.randint(3, vocab, n) for n in (4, 3, 6, 5)]
+    before = jax.tree_util.tree_map(np.asarray, trainer.state.params)
+    stats = trainer.step(queries, responses, [np.float32(s) for s in rs.randn(BATCH)])
+    # ref log-probs are the base model's: the plain GPT-2 on the base params.
+    q = np.zeros((BATCH, 6), np.int64)
+    qm = np.zeros_like(q)
+    for i, x in enumerate(queries):
+        q[i, 6 - len(x):], qm[i, 6 - len(x):] = x, 1
+    ids = np.concatenate([q[0:1, 3:], responses[0][None]], axis=1)  # row 0: query of 3 + response of 4
+    logits = module.apply({"params": params}, jnp.asarray(ids)).logits[0]
+    expected = jax.nn.log_softmax(logits[2:-1])[np.arange(4), responses[0]]
+    ref_lp = np.asarray(stats["objective/ref_logprobs"])[0]  # TRL's [B, T] layout: find the response's values
+    assert np.abs(ref_lp[:, None] - np.asarray(expected)[None]).min(axis=0).max() < 1e-4
+    policy_lp = np.asarray(stats["objective/logprobs"])[0]  # with adapters on, the policy differs
+    assert np.abs(policy_lp[:, None] - np.asarray(expected)[None]).min(axis=0).max() > 1e-3
+    moved = changed(trainer.state.params, before)
+    assert moved and all(k.endswith(("lora_A", "lora_B")) or k.startswith("v_head") for k in moved)
+    assert policy.params is trainer.state.params  # published to the model object, as TRL trains in place
+
+
+# --------------------------------------------------------------------------
+# Trainer shells with peft_config=
+# --------------------------------------------------------------------------
+
+
+def test_dpo_peft_reference_is_the_policy_with_adapters_off(lm, tiny_tokenizer, tmp_path):
+    from rljax.trainers.dpo import DPOConfig, DPOTrainer
+
+    module, params = lm
+    pairs = [{"prompt": "the movie was", "chosen": " great", "rejected": " boring"}] * 4
+    args = DPOConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-2,
+                     report_to=[], save_strategy="no", max_length=16, max_prompt_length=8)
+    trainer = DPOTrainer((module, params), args=args, train_dataset=pairs, tokenizer=tiny_tokenizer,
+                         peft_config=LoraConfig(r=4, init_lora_weights=False))
+    assert trainer.ref_params is None
+    batch = trainer._pair_batch(trainer.data_collator(trainer.train_dataset[:2]))
+    ref_c, ref_r = trainer._reference_logps(trainer._ref_params_now(), batch)
+    from rljax.dpo import make_reference_logps_fn
+
+    base_c, base_r = make_reference_logps_fn(module)(params, batch)
+    np.testing.assert_allclose(np.asarray(ref_c), np.asarray(base_c), atol=1e-5)
+    start = jax.tree_util.tree_map(np.asarray, trainer.params)
+    trainer.train()
+    moved = changed(trainer.params, start)
+    assert moved and all(k.endswith(("lora_A", "lora_B")) for k in moved)
+    trainer.save_model(str(tmp_path / "out"))
+    config, loaded = load_adapter(str(tmp_path / "out"), params)
+    assert config.r == 4 and not changed(loaded, trainer.params)
+
+
+def test_reward_trainer_seq_cls_adapter_trains_lora_and_score(lm, tiny_tokenizer, tmp_path):
+    from rljax.trainers.reward import RewardConfig, RewardTrainer
+
+    module, params = lm
+    text = ["the movie was great", "the film was terrible"]
+    row = {k + "_" + s: v for s, t in zip(("chosen", "rejected"), text)
+           for k, v in tiny_tokenizer(t).items() if k in ("input_ids", "attention_mask")}
+    args = RewardConfig(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2, learning_rate=1e-2,
+                        report_to=[], save_strategy="no", max_length=16)
+    trainer = RewardTrainer((module, params), args=args, train_dataset=[row] * 4, tokenizer=tiny_tokenizer,
+                            peft_config=LoraConfig(r=4, task_type="SEQ_CLS"))
+    start = jax.tree_util.tree_map(np.asarray, trainer.params)
+    trainer.train()
+    moved = changed(trainer.params, start)
+    assert "score/kernel" in moved and any(k.endswith("lora_B") for k in moved)
+    assert all(k.endswith(("lora_A", "lora_B")) or k.startswith("score") for k in moved)
