@@ -237,7 +237,8 @@ def tree_paths(tree: Any) -> list:
 
 def infer_family(tree: Any) -> Optional[str]:
     """A ``RULES`` key ("gpt2", "llama", ...) or None, from the parameter names found anywhere in ``tree``."""
-    joined = "\n".join(tree_paths(tree))
+    # a scanned layer stack (h/..., layers/...) reads like its first layer
+    joined = re.sub(r"(^|/)(h|layers)/", r"\1\2_0/", "\n".join(tree_paths(tree)), flags=re.M)
     if re.search(r"(^|/)h_\d+/attn/(q_proj|qkv_proj)/", joined, re.M):  # before gpt2: same wte name
         return "gptj"
     if re.search(r"(^|/)h_\d+/attn/attention/q_proj/", joined, re.M):
@@ -330,7 +331,12 @@ def partition_specs(tree: Any, mesh: Mesh, rules: Optional[Rules] = None) -> Any
 
     def spec(path, x):
         shape = _shape(x)
-        return P() if shape is None else match_spec(path_str(path), shape, mesh, rules)
+        if shape is None:
+            return P()
+        name = path_str(path)
+        if len(shape) and re.search(r"(^|/)(h|layers)/", name):  # scanned layers: [layer, ...] stays whole
+            return P(None, *match_spec(name, shape[1:], mesh, rules))
+        return match_spec(name, shape, mesh, rules)
 
     return jax.tree_util.tree_map_with_path(spec, tree)
 

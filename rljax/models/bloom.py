@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rljax.models.attention import CausalLM, attend
+from rljax.models.attention import CausalLM, attend, drop_layer_options, run_layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +50,9 @@ class BloomConfig:
     eos_token_id: Any = 2
     pad_token_id: Optional[int] = None
     model_type: str = "bloom"
+    # rljax-only layer options (not in config.json): see rljax.models.attention.run_layers
+    remat_policy: str = "none"
+    scan_layers: bool = False
 
     def __post_init__(self):
         if self.hidden_size % self.n_head:
@@ -76,7 +79,7 @@ class BloomConfig:
         return cls(**kw)
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
+        d = drop_layer_options(dataclasses.asdict(self))
         if isinstance(d["eos_token_id"], tuple):
             d["eos_token_id"] = list(d["eos_token_id"])
         d["architectures"] = ["BloomForCausalLM"]
@@ -167,15 +170,8 @@ class BloomModel(nn.Module):
         x = nn.LayerNorm(epsilon=cfg.layer_norm_epsilon, dtype=self.dtype, name="word_embeddings_layernorm")(
             embed(input_ids))
         alibi = alibi_bias(attention_mask, cfg.n_head).astype(self.dtype)  # HF casts it to the activations' dtype
-        index = None if cache is None else cache["index"]
-        new_layers = []
-        for i in range(cfg.n_layer):
-            layer_cache = None if cache is None else cache["layers"][i]
-            x, lc = BloomBlock(cfg, self.dtype, name=f"h_{i}")(
-                x, alibi, attention_mask, layer_cache, index, deterministic)
-            new_layers.append(lc)
+        x, new_cache = run_layers(BloomBlock, cfg, self.dtype, "h", x, (alibi, attention_mask), cache, deterministic)
         x = nn.LayerNorm(epsilon=cfg.layer_norm_epsilon, dtype=self.dtype, name="ln_f")(x)
-        new_cache = None if cache is None else {"layers": new_layers, "index": index + input_ids.shape[1]}
         return x, new_cache, embed
 
 

@@ -17,7 +17,6 @@ import dataclasses
 from typing import Optional
 
 import flax.linen as nn
-import jax.numpy as jnp
 
 from rljax.models.gptj import GPTJAttention, GPTJBlock, GPTJConfig, GPTJForCausalLM, GPTJModel, sinusoid_sin_cos
 

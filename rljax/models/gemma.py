@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rljax.models.attention import CausalLM
+from rljax.models.attention import CausalLM, drop_layer_options, run_layers
 from rljax.models.gpt2 import ACTIVATIONS
 from rljax.models.llama import LlamaAttention, LlamaMLP, rope_cos_sin
 
@@ -53,6 +53,9 @@ class GemmaConfig:
     eos_token_id: Any = 1
     pad_token_id: Optional[int] = 0
     model_type: str = "gemma"
+    # rljax-only layer options (not in config.json): see rljax.models.attention.run_layers
+    remat_policy: str = "none"
+    scan_layers: bool = False
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_key_value_heads:
@@ -98,7 +101,7 @@ class GemmaConfig:
 
     def to_dict(self) -> dict:
         """HF ``config.json`` contents (read by transformers 4.x and 5.x)."""
-        d = dataclasses.asdict(self)
+        d = drop_layer_options(dataclasses.asdict(self))
         if isinstance(d["eos_token_id"], tuple):
             d["eos_token_id"] = list(d["eos_token_id"])
         d["hidden_activation"] = self.hidden_act  # transformers 4.x reads this one
@@ -149,16 +152,9 @@ class GemmaModel(nn.Module):
         x = embed(input_ids)
         x = x * jnp.asarray(np.float32(np.sqrt(cfg.hidden_size))).astype(x.dtype)  # HF: scale in the embedding dtype
         cos, sin = rope_cos_sin(cfg, position_ids, self.dtype)
-        index = None if cache is None else cache["index"]
-        new_layers = []
-        for i in range(cfg.num_hidden_layers):
-            layer_cache = None if cache is None else cache["layers"][i]
-            x, lc = GemmaDecoderLayer(cfg, self.dtype, name=f"layers_{i}")(
-                x, cos, sin, attention_mask, layer_cache, index, deterministic
-            )
-            new_layers.append(lc)
+        x, new_cache = run_layers(GemmaDecoderLayer, cfg, self.dtype, "layers", x, (cos, sin, attention_mask), cache,
+                                  deterministic)
         x = GemmaRMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")(x)
-        new_cache = None if cache is None else {"layers": new_layers, "index": index + input_ids.shape[1]}
         return x, new_cache, embed
 
 

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rljax.models.attention import CausalLM, attend
+from rljax.models.attention import CausalLM, attend, drop_layer_options, run_layers
 
 ACTIVATIONS = {
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
@@ -51,6 +51,9 @@ class GPT2Config:
     scale_attn_by_inverse_layer_idx: bool = False
     reorder_and_upcast_attn: bool = False
     model_type: str = "gpt2"
+    # rljax-only layer options (not in config.json): see rljax.models.attention.run_layers
+    remat_policy: str = "none"
+    scan_layers: bool = False
 
     # Family-neutral names used by generation, heads and sharding.
     @property
@@ -93,7 +96,7 @@ class GPT2Config:
         return cls(**kw)
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
+        d = drop_layer_options(dataclasses.asdict(self))
         d["architectures"] = ["GPT2LMHeadModel"]
         d["n_ctx"] = self.n_positions
         return d
@@ -163,14 +166,8 @@ class GPT2Model(nn.Module):
         wpe = nn.Embed(cfg.n_positions, cfg.n_embd, dtype=self.dtype, name="wpe")
         x = wte(input_ids) + wpe(position_ids)
         x = nn.Dropout(cfg.embd_pdrop)(x, deterministic=deterministic)
-        index = None if cache is None else cache["index"]
-        new_layers = []
-        for i in range(cfg.n_layer):
-            layer_cache = None if cache is None else cache["layers"][i]
-            x, lc = GPT2Block(cfg, self.dtype, name=f"h_{i}")(x, attention_mask, layer_cache, index, deterministic)
-            new_layers.append(lc)
+        x, new_cache = run_layers(GPT2Block, cfg, self.dtype, "h", x, (attention_mask,), cache, deterministic)
         x = nn.LayerNorm(epsilon=cfg.layer_norm_epsilon, dtype=self.dtype, name="ln_f")(x)
-        new_cache = None if cache is None else {"layers": new_layers, "index": index + input_ids.shape[1]}
         return x, new_cache, wte
 
 

@@ -23,7 +23,7 @@ from typing import Any, Optional, Tuple
 import flax.linen as nn
 import jax.numpy as jnp
 
-from rljax.models.attention import CausalLM, attend
+from rljax.models.attention import CausalLM, attend, drop_layer_options, run_layers
 from rljax.models.gpt2 import ACTIVATIONS
 
 
@@ -55,6 +55,9 @@ class GPTNeoConfig:
     pad_token_id: Optional[int] = None
     tie_word_embeddings: bool = True
     model_type: str = "gpt_neo"
+    # rljax-only layer options (not in config.json): see rljax.models.attention.run_layers
+    remat_policy: str = "none"
+    scan_layers: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "attention_types", _freeze(self.attention_types))
@@ -89,7 +92,7 @@ class GPTNeoConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
+        d = drop_layer_options(dataclasses.asdict(self))
         d["attention_types"] = [[list(kinds), n] for kinds, n in self.attention_types]
         if isinstance(d["eos_token_id"], tuple):
             d["eos_token_id"] = list(d["eos_token_id"])
@@ -169,17 +172,10 @@ class GPTNeoModel(nn.Module):
         wte = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, name="wte")
         wpe = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, dtype=self.dtype, name="wpe")
         x = nn.Dropout(cfg.embed_dropout)(wte(input_ids) + wpe(position_ids), deterministic=deterministic)
-        index = None if cache is None else cache["index"]
-        new_layers = []
-        for i, kind in enumerate(cfg.attention_layers):
-            layer_cache = None if cache is None else cache["layers"][i]
-            window = cfg.window_size if kind == "local" else None
-            x, lc = GPTNeoBlock(cfg, window, self.dtype, name=f"h_{i}")(
-                x, attention_mask, layer_cache, index, deterministic
-            )
-            new_layers.append(lc)
+        windows = [cfg.window_size if kind == "local" else None for kind in cfg.attention_layers]
+        x, new_cache = run_layers(GPTNeoBlock, cfg, self.dtype, "h", x, (attention_mask,), cache, deterministic,
+                                  lambda i: {"window": windows[i]})
         x = nn.LayerNorm(epsilon=cfg.layer_norm_epsilon, dtype=self.dtype, name="ln_f")(x)
-        new_cache = None if cache is None else {"layers": new_layers, "index": index + input_ids.shape[1]}
         return x, new_cache, wte
 
 

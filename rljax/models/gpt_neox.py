@@ -26,7 +26,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from rljax.models.attention import CausalLM, attend
+from rljax.models.attention import CausalLM, attend, drop_layer_options, run_layers
 from rljax.models.gpt2 import ACTIVATIONS
 from rljax.models.llama import apply_rope
 
@@ -56,6 +56,9 @@ class GPTNeoXConfig:
     eos_token_id: Optional[int] = 2
     pad_token_id: Optional[int] = None
     model_type: str = "gpt_neox"
+    # rljax-only layer options (not in config.json): see rljax.models.attention.run_layers
+    remat_policy: str = "none"
+    scan_layers: bool = False
 
     def __post_init__(self):
         if self.hidden_size % self.num_attention_heads:
@@ -104,7 +107,7 @@ class GPTNeoXConfig:
 
     def to_dict(self) -> dict:
         """HF ``config.json`` contents (legacy rotary fields, read by transformers 4.x and 5.x)."""
-        d = dataclasses.asdict(self)
+        d = drop_layer_options(dataclasses.asdict(self))
         d["architectures"] = ["GPTNeoXForCausalLM"]
         return d
 
@@ -184,16 +187,9 @@ class GPTNeoXModel(nn.Module):
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, name="embed_in")
         x = nn.Dropout(cfg.hidden_dropout)(embed(input_ids), deterministic=deterministic)
         cos, sin = rotary_cos_sin(cfg, position_ids, self.dtype)
-        index = None if cache is None else cache["index"]
-        new_layers = []
-        for i in range(cfg.num_hidden_layers):
-            layer_cache = None if cache is None else cache["layers"][i]
-            x, lc = GPTNeoXLayer(cfg, self.dtype, name=f"layers_{i}")(
-                x, cos, sin, attention_mask, layer_cache, index, deterministic
-            )
-            new_layers.append(lc)
+        x, new_cache = run_layers(GPTNeoXLayer, cfg, self.dtype, "layers", x, (cos, sin, attention_mask), cache,
+                                  deterministic)
         x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype, name="final_layer_norm")(x)
-        new_cache = None if cache is None else {"layers": new_layers, "index": index + input_ids.shape[1]}
         return x, new_cache, embed
 
 

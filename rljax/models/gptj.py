@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from rljax.models.attention import CausalLM, attend
+from rljax.models.attention import CausalLM, attend, drop_layer_options, run_layers
 from rljax.models.gpt2 import ACTIVATIONS
 
 
@@ -50,6 +50,9 @@ class GPTJConfig:
     pad_token_id: Optional[int] = None
     tie_word_embeddings: bool = False
     model_type: str = "gptj"
+    # rljax-only layer options (not in config.json): see rljax.models.attention.run_layers
+    remat_policy: str = "none"
+    scan_layers: bool = False
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
@@ -85,7 +88,7 @@ class GPTJConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
+        d = drop_layer_options(dataclasses.asdict(self))
         if isinstance(d["eos_token_id"], tuple):
             d["eos_token_id"] = list(d["eos_token_id"])
         d["architectures"] = ["GPTJForCausalLM"]
@@ -187,16 +190,9 @@ class GPTJModel(nn.Module):
         cfg = self.config
         embed = nn.Embed(cfg.vocab_size, cfg.n_embd, dtype=self.dtype, name="wte")
         x = nn.Dropout(cfg.embd_pdrop)(embed(input_ids), deterministic=deterministic)
-        index = None if cache is None else cache["index"]
-        new_layers = []
-        for i in range(cfg.n_layer):
-            layer_cache = None if cache is None else cache["layers"][i]
-            x, lc = self.block_cls(cfg, self.dtype, name=f"h_{i}")(
-                x, position_ids, attention_mask, layer_cache, index, deterministic
-            )
-            new_layers.append(lc)
+        x, new_cache = run_layers(self.block_cls, cfg, self.dtype, "h", x, (position_ids, attention_mask), cache,
+                                  deterministic)
         x = nn.LayerNorm(epsilon=cfg.layer_norm_epsilon, dtype=self.dtype, name="ln_f")(x)
-        new_cache = None if cache is None else {"layers": new_layers, "index": index + input_ids.shape[1]}
         return x, new_cache, embed
 
 

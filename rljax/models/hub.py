@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from rljax.models.attention import SCANNED_LAYER_NAMES, check_layer_options
+
 
 @dataclasses.dataclass(frozen=True)
 class Family:
@@ -91,13 +93,25 @@ def _transposed(path: Tuple[str, ...], name: str, family: Family) -> bool:
     return path[-1] == "kernel" and (family.linear_is_transposed or name.startswith(HEAD_PREFIXES))
 
 
+def _layer_names(path: Tuple[str, ...], shape: Tuple[int, ...]) -> list:
+    """[(HF name, layer index or None)] of one flax leaf. A leaf of a scanned layer stack
+    (a path element named exactly ``h``/``layers``, leading axis = layer) is one tensor per layer."""
+    stacked = [j for j, p in enumerate(path[:-1]) if p in SCANNED_LAYER_NAMES]
+    if not stacked:
+        return [(hf_name(path), None)]
+    j = stacked[0]
+    return [(hf_name(path[:j] + (f"{path[j]}_{i}",) + path[j + 1:]), i) for i in range(shape[0])]
+
+
 def params_to_state_dict(params, family: Family) -> Dict[str, np.ndarray]:
-    """Flax params -> HF state dict of numpy arrays (bfloat16 stays bfloat16, as ml_dtypes)."""
+    """Flax params -> HF state dict of numpy arrays (bfloat16 stays bfloat16, as ml_dtypes).
+    Scanned layer stacks are written one tensor per layer, under the per-layer HF names."""
     out = {}
     for path, value in flatten_dict(params).items():
         arr = np.asarray(jax.device_get(value))
-        name = hf_name(path)
-        out[name] = arr.T if _transposed(path, name, family) else arr
+        for name, i in _layer_names(path, arr.shape):
+            a = arr if i is None else arr[i]
+            out[name] = a.T if _transposed(path, name, family) else a
     return out
 
 
@@ -123,8 +137,10 @@ def state_dict_to_params(
     for pat in tuple(family.ignore_keys) + tuple(ignore):
         sd = {k: v for k, v in sd.items() if not re.search(pat, k)}
     flat = flatten_dict(template)
-    wanted = {hf_name(p): p for p in flat}
-    fallback = {hf_name(p): v for p, v in flatten_dict(defaults).items()} if defaults else {}
+    wanted = {name: (p, i) for p in flat for name, i in _layer_names(p, tuple(flat[p].shape))}
+    fallback = {}
+    for p, v in (flatten_dict(defaults).items() if defaults else ()):
+        fallback.update({name: (v if i is None else v[i]) for name, i in _layer_names(p, tuple(np.shape(v)))})
     missing = sorted(set(wanted) - set(sd) - set(fallback))
     unexpected = sorted(set(sd) - set(wanted))
     if family.tied_key in unexpected and family.tied_key not in wanted:
@@ -136,18 +152,23 @@ def state_dict_to_params(
             f"  unexpected keys ({len(unexpected)}): {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}\n"
             "Check that config.json belongs to these weights (model_type, layer counts, tie_word_embeddings)."
         )
-    out = {}
-    for name, path in wanted.items():
+    out, layers = {}, {}
+    for name, (path, i) in wanted.items():
         if name not in sd:
-            out[path] = jnp.asarray(fallback[name], dtype=dtype or flat[path].dtype)
-            continue
-        arr = np.asarray(sd[name])
-        if _transposed(path, name, family):
-            arr = arr.T
-        expect = tuple(flat[path].shape)
+            arr = np.asarray(fallback[name])
+        else:
+            arr = np.asarray(sd[name])
+            if _transposed(path, name, family):
+                arr = arr.T
+        expect = tuple(flat[path].shape)[0 if i is None else 1:]
         if arr.shape != expect:
             raise ValueError(f"Tensor {name} has shape {arr.shape}, the config expects {expect}.")
-        out[path] = jnp.asarray(arr, dtype=dtype or flat[path].dtype)
+        if i is None:
+            out[path] = jnp.asarray(arr, dtype=dtype or flat[path].dtype)
+        else:  # one layer of a scanned stack
+            layers.setdefault(path, {})[i] = arr
+    for path, per_layer in layers.items():
+        out[path] = jnp.asarray(np.stack([per_layer[i] for i in range(len(per_layer))]), dtype=dtype or flat[path].dtype)
     return unflatten_dict(out)
 
 
@@ -315,6 +336,8 @@ def from_pretrained(
     torch_dtype=None,
     revision: Optional[str] = None,
     trust_remote_code: bool = False,
+    scan_layers: Optional[bool] = None,
+    remat_policy: Optional[str] = None,
 ) -> Tuple[Any, Any]:
     """Load an HF causal-LM checkpoint directory (or hub id when online) -> (module, params).
 
@@ -322,11 +345,19 @@ def from_pretrained(
     ``jnp.bfloat16`` casts params and compute; "auto" uses the checkpoint's dtype.
     ``revision``: the hub version (a local directory ignores it). ``trust_remote_code=True``
     raises. Value-head tensors (``v_head.*``, written by TRL / rljax value-head models) are
-    ignored, as transformers ignores them.
+    ignored, as transformers ignores them. ``scan_layers=True``: params stacked on a layer axis
+    for an ``nn.scan`` layer stack; ``remat_policy`` ("none", "full", "dots"): remat per block
+    (see ``rljax.models.attention.run_layers``; None keeps the defaults, off).
     """
     directory, cfg = read_checkpoint(path_or_id, revision, trust_remote_code)
     dtype = as_jax_dtype(merge_dtype_args(dtype, torch_dtype), cfg)
     config = config_from_dict(cfg)
+    options = {k: v for k, v in (("scan_layers", scan_layers), ("remat_policy", remat_policy)) if v is not None}
+    if options:
+        check_layer_options(options.get("remat_policy", "none"), options.get("scan_layers", False))
+        if not hasattr(config, "scan_layers"):
+            raise ValueError(f"{config.model_type} models have no scan_layers/remat_policy options; drop them.")
+        config = dataclasses.replace(config, **options)
     model = model_from_config(config, dtype=dtype or jnp.float32)
     family = _family(config.model_type)
     params = state_dict_to_params(

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rljax.models.attention import CausalLM, attend
+from rljax.models.attention import CausalLM, attend, drop_layer_options, run_layers
 from rljax.models.gpt2 import ACTIVATIONS
 
 ARCHITECTURE_PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
@@ -88,6 +88,9 @@ class LlamaConfig:
     eos_token_id: Any = 2
     pad_token_id: Optional[int] = None
     model_type: str = "llama"
+    # rljax-only layer options (not in config.json): see rljax.models.attention.run_layers
+    remat_policy: str = "none"
+    scan_layers: bool = False
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass)
@@ -172,7 +175,7 @@ class LlamaConfig:
 
     def to_dict(self) -> dict:
         """HF ``config.json`` contents (legacy rope fields, read by transformers 4.x and 5.x)."""
-        d = dataclasses.asdict(self)
+        d = drop_layer_options(dataclasses.asdict(self))
         for k in ("eos_token_id", "bos_token_id", "layer_types"):
             if isinstance(d[k], tuple):
                 d[k] = list(d[k])
@@ -334,16 +337,9 @@ class LlamaModel(nn.Module):
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, name="embed_tokens")
         x = embed(input_ids)
         cos, sin = rope_cos_sin(cfg, position_ids, self.dtype)
-        index = None if cache is None else cache["index"]
-        new_layers = []
-        for i in range(cfg.num_hidden_layers):
-            layer_cache = None if cache is None else cache["layers"][i]
-            x, lc = LlamaDecoderLayer(cfg, cfg.layer_sliding_window(i), self.dtype, name=f"layers_{i}")(
-                x, cos, sin, attention_mask, layer_cache, index, deterministic
-            )
-            new_layers.append(lc)
+        x, new_cache = run_layers(LlamaDecoderLayer, cfg, self.dtype, "layers", x, (cos, sin, attention_mask), cache,
+                                  deterministic, lambda i: {"sliding_window": cfg.layer_sliding_window(i)})
         x = RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")(x)
-        new_cache = None if cache is None else {"layers": new_layers, "index": index + input_ids.shape[1]}
         return x, new_cache, embed
 
 

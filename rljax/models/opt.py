@@ -27,7 +27,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
-from rljax.models.attention import CausalLM, attend
+from rljax.models.attention import CausalLM, attend, drop_layer_options, run_layers
 from rljax.models.gpt2 import ACTIVATIONS
 
 POSITION_OFFSET = 2  # OPT's learned position table starts at row 2
@@ -58,6 +58,9 @@ class OPTConfig:
     bos_token_id: Optional[int] = 2
     eos_token_id: Optional[int] = 2
     model_type: str = "opt"
+    # rljax-only layer options (not in config.json): see rljax.models.attention.run_layers
+    remat_policy: str = "none"
+    scan_layers: bool = False
 
     def __post_init__(self):
         if self.word_embed_proj_dim is None:
@@ -100,7 +103,7 @@ class OPTConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
+        d = drop_layer_options(dataclasses.asdict(self))
         d["architectures"] = ["OPTForCausalLM"]
         return d
 
@@ -167,21 +170,13 @@ class OPTDecoder(nn.Module):
         if projected:
             x = nn.Dense(cfg.hidden_size, use_bias=False, dtype=self.dtype, name="project_in")(x)
         x = x + positions(position_ids + POSITION_OFFSET)
-        index = None if cache is None else cache["index"]
-        new_layers = []
-        for i in range(cfg.num_hidden_layers):
-            layer_cache = None if cache is None else cache["layers"][i]
-            x, lc = OPTDecoderLayer(cfg, self.dtype, name=f"layers_{i}")(
-                x, attention_mask, layer_cache, index, deterministic
-            )
-            new_layers.append(lc)
+        x, new_cache = run_layers(OPTDecoderLayer, cfg, self.dtype, "layers", x, (attention_mask,), cache, deterministic)
         if cfg.has_final_layer_norm:
             affine = cfg.layer_norm_elementwise_affine
             x = nn.LayerNorm(epsilon=1e-5, use_bias=affine, use_scale=affine, dtype=self.dtype,
                              name="final_layer_norm")(x)
         if projected:
             x = nn.Dense(cfg.word_embed_proj_dim, use_bias=False, dtype=self.dtype, name="project_out")(x)
-        new_cache = None if cache is None else {"layers": new_layers, "index": index + input_ids.shape[1]}
         return x, new_cache, embed
 
 

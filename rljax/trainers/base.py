@@ -92,9 +92,12 @@ class TrainingArguments:
     """Optimizer, by HF name, mapped to optax (see OPTIMIZERS): the adamw_* family, adafactor, sgd,
     adagrad, rmsprop and lion. 8-bit variants keep float32 state (a warning says so)."""
     gradient_checkpointing: bool = False
-    """Trade compute for memory: rematerialise the forward pass in the backward pass (jax.checkpoint)."""
+    """Trade compute for memory: each transformer block is rematerialised in the backward pass
+    (``nn.remat`` per block, the model config's ``remat_policy``); models without per-block
+    options rematerialise the whole loss (jax.checkpoint)."""
     gradient_checkpointing_kwargs: Optional[Union[dict, str]] = None
-    """HF's torch.utils.checkpoint options; only use_reentrant is accepted (it has no JAX meaning)."""
+    """HF's torch.utils.checkpoint options: use_reentrant is accepted (it has no JAX meaning); rljax adds
+    ``policy``: "full" (default: keep only each block's input) or "dots" (also keep matmul outputs)."""
     report_to: Optional[List[str]] = None
     """Extra metric sinks besides metrics.jsonl: tensorboard, wandb, stdout, all or none."""
     disable_tqdm: bool = False
@@ -131,11 +134,16 @@ class TrainingArguments:
             raise ValueError(f"Unknown optim {self.optim!r}; choose one of {sorted(OPTIMIZERS)}.")
         if isinstance(self.gradient_checkpointing_kwargs, str):  # HF accepts JSON on the command line
             self.gradient_checkpointing_kwargs = json.loads(self.gradient_checkpointing_kwargs)
-        unknown = sorted(set(self.gradient_checkpointing_kwargs or {}) - {"use_reentrant"})
+        unknown = sorted(set(self.gradient_checkpointing_kwargs or {}) - {"use_reentrant", "policy"})
         if unknown:
             raise ValueError(
-                f"gradient_checkpointing_kwargs {unknown} are not supported; only use_reentrant is accepted "
-                "(rljax rematerialises with jax.checkpoint)."
+                f"gradient_checkpointing_kwargs {unknown} are not supported; only use_reentrant and policy "
+                "(\"full\" or \"dots\") are accepted (rljax rematerialises each block with nn.remat)."
+            )
+        if (self.gradient_checkpointing_kwargs or {}).get("policy", "full") not in ("full", "dots"):
+            raise ValueError(
+                f"gradient_checkpointing_kwargs['policy'] must be 'full' or 'dots', got "
+                f"{self.gradient_checkpointing_kwargs['policy']!r}."
             )
         if self.push_to_hub:
             raise ValueError(
@@ -968,15 +976,28 @@ class Trainer:
     @property
     def compute_module(self) -> Any:
         """The module the loss and prediction functions run: ``self.module`` computing in
-        bfloat16 with ``bf16=True`` (float32 params, gradients, optimizer state and loss)."""
-        return module_in_dtype(self.module, jnp.bfloat16) if self.args.bf16 else self.module
+        bfloat16 with ``bf16=True`` (float32 params, gradients, optimizer state and loss), each
+        block rematerialised with ``gradient_checkpointing=True`` (same numbers, less memory)."""
+        from rljax.models.attention import supports_layer_options, with_layer_options
+
+        module = module_in_dtype(self.module, jnp.bfloat16) if self.args.bf16 else self.module
+        if self.args.gradient_checkpointing and supports_layer_options(module):
+            policy = (self.args.gradient_checkpointing_kwargs or {}).get("policy", "full")
+            module = with_layer_options(module, remat_policy=policy)
+        return module
+
+    def _remat_whole_loss(self) -> bool:
+        """gradient_checkpointing for a model without per-block remat: jax.checkpoint the loss."""
+        from rljax.models.attention import supports_layer_options
+
+        return bool(self.args.gradient_checkpointing) and not supports_layer_options(self.module)
 
     def _build_train_step(self, accum: Optional[int] = None, micro_batch: Optional[int] = None) -> Callable:
         """The jitted train step; with ``self.mesh`` the state is sharded by the model family's
         partition rules, batches on (data, fsdp), and the step is jitted with those shardings."""
         accum = self.args.gradient_accumulation_steps if accum is None else accum
         micro_batch = self.args.per_device_train_batch_size if micro_batch is None else micro_batch
-        step = make_train_step(self.loss_fn, accum, gradient_checkpointing=self.args.gradient_checkpointing,
+        step = make_train_step(self.loss_fn, accum, gradient_checkpointing=self._remat_whole_loss(),
                                trainable=self._trainable)
         if self.mesh is None:
             return step
