@@ -19,6 +19,9 @@ _LAZY = {
     "AutoModelForSequenceClassification": "rljax.models.auto",
     "respond_to_batch": "rljax.generation",
     "LengthSampler": "rljax.core",
+    "TextEnvironment": "rljax.environment",
+    "TextHistory": "rljax.environment",
+    "setup_chat_format": "rljax.models.chat",
 }
 _LAZY.pop("Trainer")  # the base loop stays at rljax.trainers.Trainer (trl exports no Trainer)
 

@@ -3,6 +3,8 @@ from rljax.models.attention import CausalLMOutput, init_cache
 from rljax.models.auto import (
     AutoModelForCausalLM,
     AutoModelForCausalLMWithValueHead,
+    AutoModelForSeq2SeqLM,
+    AutoModelForSeq2SeqLMWithValueHead,
     AutoModelForSequenceClassification,
     GenerationConfig,
     ValueHeadModelOutput,
@@ -29,6 +31,7 @@ from rljax.models.hub import (
     save_pretrained,
 )
 from rljax.models.llama import LlamaConfig, LlamaForCausalLM
+from rljax.models.t5 import T5Config, T5ForConditionalGeneration
 
 __all__ = [
     "CausalLMOutput",
@@ -39,6 +42,10 @@ __all__ = [
     "LlamaForCausalLM",
     "AutoModelForCausalLM",
     "AutoModelForCausalLMWithValueHead",
+    "AutoModelForSeq2SeqLM",
+    "AutoModelForSeq2SeqLMWithValueHead",
+    "T5Config",
+    "T5ForConditionalGeneration",
     "AutoModelForSequenceClassification",
     "GenerationConfig",
     "ValueHeadModelOutput",

@@ -19,6 +19,7 @@ _LAZY = {
     "DPOConfig": "rljax.trainers.dpo",
     "DPOTrainer": "rljax.trainers.dpo",
     "IterativeSFTTrainer": "rljax.trainers.iterative_sft",
+    "BestOfNSampler": "rljax.trainers.best_of_n",
     "set_seed": "rljax.trainers.seeding",
     "ModelConfig": "rljax.trainers.model_config",
     "get_peft_config": "rljax.trainers.model_config",
