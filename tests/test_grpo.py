@@ -289,3 +289,39 @@ def test_make_train_learns_with_reuse_of_the_rollout_and_a_kl_term(tiny):
     assert np.all(np.isfinite(np.asarray(stats["kl"]))) and np.asarray(stats["kl"]).max() > 0
     assert np.asarray(stats["clip_ratio/region_mean"]).max() > 0
     assert int(final.step) == 12
+
+
+# --------------------------------------------------------------------------------------------
+# The TRL-style shell
+# --------------------------------------------------------------------------------------------
+
+
+def test_grpo_trainer_shell_runs_python_text_rewards_and_logs_trls_keys(tiny_tokenizer, tmp_path):
+    from rljax.trainers.grpo import GRPOConfig, GRPOTrainer
+
+    lm = model_from_config(GPT2Config(vocab_size=len(tiny_tokenizer), n_positions=32, n_embd=16, n_layer=1, n_head=2,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    params = init_params(lm, jax.random.PRNGKey(0))
+    seen = {}
+
+    def length_reward(prompts, completions, completion_ids, label, **kwargs):
+        seen.update(prompts=prompts, label=label)
+        return [float(len(c)) for c in completions]
+
+    def none_reward(prompts, completions, **kwargs):
+        return [None] * len(completions)
+
+    data = [{"prompt": p, "label": i} for i, p in enumerate(["the movie was", "i loved this", "what a", "the film"])]
+    args = GRPOConfig(output_dir=str(tmp_path), max_steps=2, logging_steps=1, per_device_train_batch_size=4,
+                      num_generations=2, max_completion_length=4, max_prompt_length=8, beta=0.04,
+                      learning_rate=1e-3, reward_weights=[1.0, 2.0])
+    trainer = GRPOTrainer((lm, params), [length_reward, none_reward], args, data, processing_class=tiny_tokenizer)
+    out = trainer.train()
+    assert out["global_step"] == 2 and len(trainer.log_history) == 2
+    for key in ("reward", "reward_std", "kl", "completions/mean_length", "clip_ratio/region_mean", "loss",
+                "rewards/length_reward/mean", "entropy"):
+        assert key in trainer.log_history[-1], key
+    assert len(seen["prompts"]) == 4 and seen["prompts"][0] == seen["prompts"][1]  # groups of 2
+    assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 2
+    with pytest.raises(ValueError, match="multiple of num_generations"):
+        GRPOConfig(per_device_train_batch_size=3, num_generations=2, max_steps=1)

@@ -206,3 +206,20 @@ def test_make_train_learns_a_token_counting_reward(tiny):
     assert np.all(np.isfinite(np.asarray(stats["objective/kl"])))
     assert np.asarray(stats["objective/kl"])[-1] > 0
     assert int(final.step) == 10
+
+
+def test_rloo_trainer_shell_runs_python_text_rewards_and_logs_trls_keys(tiny_tokenizer, tmp_path):
+    from rljax.trainers.rloo import RLOOConfig, RLOOTrainer
+
+    lm = model_from_config(GPT2Config(vocab_size=len(tiny_tokenizer), n_positions=32, n_embd=16, n_layer=1, n_head=2,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    params = init_params(lm, jax.random.PRNGKey(0))
+    data = [{"prompt": p} for p in ["the movie was", "i loved this", "what a", "the film"]]
+    args = RLOOConfig(output_dir=str(tmp_path), max_steps=2, logging_steps=1, per_device_train_batch_size=4,
+                      rloo_k=2, response_length=4, num_ppo_epochs=1, learning_rate=1e-3)
+    trainer = RLOOTrainer((lm, params), lambda prompts, completions, **kw: [len(c) for c in completions], args, data,
+                          processing_class=tiny_tokenizer)
+    trainer.train()
+    for key in ("objective/kl", "objective/rlhf_reward", "objective/scores", "policy/clipfrac_avg", "val/ratio",
+                "reward", "kl", "completion_length", "clip_ratio"):
+        assert key in trainer.log_history[-1], key

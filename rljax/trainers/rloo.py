@@ -1,0 +1,101 @@
+"""TRL's ``RLOOConfig`` / ``RLOOTrainer`` (v0.19, ``rloo_k`` and ``kl_coef``) as a thin shell over
+``rljax.rloo``: the host side (prompts, batches, decoding for Python reward functions, logging)
+around one jitted rollout and one jitted ``rloo_step``. The reward is a Python function on texts
+(TRL's ``reward_model`` may be a callable on decoded texts too) or several, summed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Dict, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rljax.rloo import RLOOSettings, RLOOTrainState, make_rloo_rollout, make_rloo_step
+from rljax.trainers.base import TrainingArguments, make_optimizer, prepare_output_dir
+from rljax.trainers.grpo import OnlineShell, RewardFunc
+
+
+@dataclasses.dataclass
+class RLOOConfig(TrainingArguments):
+    """TRL's ``RLOOConfig`` fields that rljax honours (names and defaults of TRL v0.19).
+    ``per_device_train_batch_size`` counts completions per micro-batch; one rollout is
+    ``per_device_train_batch_size * gradient_accumulation_steps * num_mini_batches`` completions
+    (TRL's ``batch_size``), i.e. that many / ``rloo_k`` prompts."""
+
+    learning_rate: float = 3e-6
+    logging_steps: int = 10
+    max_steps: int = 100
+    max_prompt_length: Optional[int] = 512
+    response_length: int = 53
+    temperature: float = 0.7
+    rloo_k: int = 2
+    kl_coef: float = 0.05
+    cliprange: float = 0.2
+    num_ppo_epochs: int = 4
+    num_mini_batches: int = 1
+    normalize_reward: bool = False
+    reward_clip_range: float = 10.0
+    normalize_advantage: bool = False
+    token_level_kl: bool = False
+    missing_eos_penalty: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_steps <= 0:
+            raise ValueError("RLOOConfig: set max_steps > 0 (the number of rollouts to train on).")
+        self.settings()
+
+    def settings(self) -> RLOOSettings:
+        batch = self.per_device_train_batch_size * self.gradient_accumulation_steps * self.num_mini_batches
+        return RLOOSettings(
+            rloo_k=self.rloo_k, batch_size=batch, kl_coef=self.kl_coef, cliprange=self.cliprange,
+            num_ppo_epochs=self.num_ppo_epochs, num_mini_batches=self.num_mini_batches,
+            gradient_accumulation_steps=self.gradient_accumulation_steps, normalize_reward=self.normalize_reward,
+            reward_clip_range=self.reward_clip_range, normalize_advantage=self.normalize_advantage,
+            token_level_kl=self.token_level_kl, missing_eos_penalty=self.missing_eos_penalty,
+        )
+
+
+class RLOOTrainer(OnlineShell):
+    """``RLOOTrainer(model, reward_funcs, args, train_dataset, processing_class)``; ``train()`` runs
+    ``args.max_steps`` rollouts and logs TRL's keys (``objective/kl``, ``objective/rlhf_reward``,
+    ``objective/scores``, ``policy/clipfrac_avg``, ``val/ratio``, ... plus ``reward``, ``kl``,
+    ``completion_length``, ``clip_ratio``). Several reward functions are summed (NaN as 0)."""
+
+    _name = "RLOO"
+
+    def __init__(self, model: Any, reward_funcs: Union[RewardFunc, Sequence[RewardFunc]], args: Optional[RLOOConfig] = None,
+                 train_dataset: Any = None, processing_class: Any = None, **kwargs: Any) -> None:
+        args = args or RLOOConfig()
+        super().__init__(model, reward_funcs, args, train_dataset, processing_class, **kwargs)
+        self.settings = args.settings()
+        if args.kl_coef != 0.0 and self.ref_params is None:
+            self.ref_params = jax.tree_util.tree_map(jnp.copy, self.params)
+        self.tx = make_optimizer(args, args.max_steps * args.num_ppo_epochs * args.num_mini_batches)
+        gen = self._generate_fn(args.response_length, args.temperature, None, 1.0)
+        self._rollout = jax.jit(make_rloo_rollout(self.module, gen, self.settings, eos_token_id=self.eos_id))
+        self._step = jax.jit(make_rloo_step(self.module, self.settings, self.tx))
+        self.state = RLOOTrainState.create(self.params, self.tx, ref_params=self.ref_params,
+                                           rng=jax.random.PRNGKey(args.seed))
+
+    def train(self) -> Dict[str, float]:
+        args, s = self.args, self.settings
+        prepare_output_dir(args.output_dir, args.overwrite_output_dir)
+        start = time.time()
+        for step in range(1, args.max_steps + 1):
+            idx = self._draw(s.num_prompts)
+            rng, key = jax.random.split(self.state.rng)
+            self.state = self.state.replace(rng=rng)
+            batch = self._rollout(self.state, self.prompts[idx], self.prompt_mask[idx], key)
+            rewards = self._rewards(idx, s.rloo_k, np.asarray(batch.completions), np.asarray(batch.completion_mask))
+            self.state, stats = self._step(self.state, batch, np.nansum(rewards, axis=1))
+            if step % args.logging_steps == 0 or step == args.max_steps or (args.logging_first_step and step == 1):
+                self._log(step, jax.device_get(stats))
+        self.params = self.state.params
+        return {"train_runtime": time.time() - start, "global_step": args.max_steps}
+
+
+__all__ = ["RLOOConfig", "RLOOTrainer"]
