@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rljax.rollout import response_logprobs
+from rljax.rollout import PolicyTrainState, response_logprobs, sample_groups
 from rljax.sharding import constrain_batch
 
 Array = jax.Array
@@ -120,24 +120,7 @@ class GRPOSettings:
         return self.num_iterations * self.steps_per_generation > 1
 
 
-@flax.struct.dataclass
-class GRPOTrainState:
-    """Policy params, frozen reference params (None: the reference is ``ref_module`` on the
-    policy's params, e.g. PEFT with adapters off, or unused when ``beta = 0``), optimizer state
-    (the optax transformation belongs to the step), update counter and PRNG key."""
-
-    step: Array
-    params: Any
-    ref_params: Any
-    opt_state: Any
-    rng: Array
-
-    @classmethod
-    def create(cls, params: Any, tx: optax.GradientTransformation, ref_params: Any = None,
-               rng: Optional[Array] = None) -> "GRPOTrainState":
-        return cls(step=jnp.zeros((), jnp.int32), params=params, ref_params=ref_params, opt_state=tx.init(params),
-                   rng=jax.random.PRNGKey(0) if rng is None else rng)
-
+GRPOTrainState = PolicyTrainState  # shared with the other critic-free loop (rljax.rollout)
 
 # ==========================================================================
 # 2. Rollout: groups of completions and the log-probs the loss needs
@@ -189,12 +172,7 @@ def make_grpo_rollout(
     ref_module = module if ref_module is None else ref_module
 
     def rollout(state: Any, prompts: Array, prompt_mask: Array, rng: Array) -> GRPOBatch:
-        chex.assert_rank([prompts, prompt_mask], 2)
-        prompts = jnp.repeat(jnp.asarray(prompts, jnp.int32), G, axis=0)
-        prompt_mask = jnp.repeat(jnp.asarray(prompt_mask, jnp.int32), G, axis=0)
-        gen = generate_fn(state.params, prompts, prompt_mask, rng)
-        completions = gen.sequences[:, prompts.shape[1]:]
-        mask = gen.response_mask.astype(jnp.int32)
+        prompts, prompt_mask, completions, mask = sample_groups(generate_fn, state.params, prompts, prompt_mask, G, rng)
         old = ref = None
         if settings.needs_old_logprobs:
             old = response_logprobs(module, state.params, prompts, prompt_mask, completions, mask,

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rljax.rollout import response_logprobs
+from rljax.rollout import PolicyTrainState, response_logprobs, sample_groups
 from rljax.sharding import constrain_batch
 
 Array = jax.Array
@@ -74,23 +74,7 @@ class RLOOSettings:
         return self.batch_size // self.rloo_k
 
 
-@flax.struct.dataclass
-class RLOOTrainState:
-    """Policy params, frozen reference params (None: ``ref_module`` on the policy's params),
-    optimizer state (the transformation belongs to the step), update counter, PRNG key."""
-
-    step: Array
-    params: Any
-    ref_params: Any
-    opt_state: Any
-    rng: Array
-
-    @classmethod
-    def create(cls, params: Any, tx: optax.GradientTransformation, ref_params: Any = None,
-               rng: Optional[Array] = None) -> "RLOOTrainState":
-        return cls(step=jnp.zeros((), jnp.int32), params=params, ref_params=ref_params, opt_state=tx.init(params),
-                   rng=jax.random.PRNGKey(0) if rng is None else rng)
-
+RLOOTrainState = PolicyTrainState  # shared with the other critic-free loop (rljax.rollout)
 
 @flax.struct.dataclass
 class RLOOBatch:
@@ -122,12 +106,7 @@ def make_rloo_rollout(
     ref_module = module if ref_module is None else ref_module
 
     def rollout(state: Any, prompts: Array, prompt_mask: Array, rng: Array) -> RLOOBatch:
-        chex.assert_rank([prompts, prompt_mask], 2)
-        prompts = jnp.repeat(jnp.asarray(prompts, jnp.int32), k, axis=0)
-        prompt_mask = jnp.repeat(jnp.asarray(prompt_mask, jnp.int32), k, axis=0)
-        gen = generate_fn(state.params, prompts, prompt_mask, rng)
-        completions = gen.sequences[:, prompts.shape[1]:]
-        mask = gen.response_mask.astype(jnp.int32)
+        prompts, prompt_mask, completions, mask = sample_groups(generate_fn, state.params, prompts, prompt_mask, k, rng)
         fmask = mask.astype(jnp.float32)
         logprobs = response_logprobs(module, state.params, prompts, prompt_mask, completions, mask,
                                      chunk_size=chunk_size).logprobs * fmask

@@ -21,7 +21,7 @@ of the weights).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Tuple
 
 import chex
 import flax
@@ -141,6 +141,39 @@ def response_logprobs(
 # ==========================================================================
 # PPO's rollout (TRL's batched_forward_pass), [B, N]
 # ==========================================================================
+
+
+@flax.struct.dataclass
+class PolicyTrainState:
+    """State of a critic-free policy-gradient loop (GRPO, RLOO): policy params, frozen reference
+    params (None: the reference is ``ref_module`` on the policy's params, e.g. PEFT with adapters
+    off, or unused), optimizer state (the optax transformation belongs to the step), update
+    counter and PRNG key."""
+
+    step: Array
+    params: Any
+    ref_params: Any
+    opt_state: Any
+    rng: Array
+
+    @classmethod
+    def create(cls, params: Any, tx: Any, ref_params: Any = None, rng: Optional[Array] = None) -> "PolicyTrainState":
+        return cls(step=jnp.zeros((), jnp.int32), params=params, ref_params=ref_params, opt_state=tx.init(params),
+                   rng=jax.random.PRNGKey(0) if rng is None else rng)
+
+
+def sample_groups(generate_fn: Callable, params: Any, prompts: Array, prompt_mask: Array, group_size: int,
+                  rng: Array) -> Tuple[Array, Array, Array, Array]:
+    """Each prompt repeated ``group_size`` times (a group's rows adjacent) and sampled in one call.
+
+    ``prompts``/``prompt_mask`` [Bp, P] left-padded; ``generate_fn(params, ids, mask, rng)`` as
+    ``rljax.generation.make_generate_fn``. Returns ``(prompts, prompt_mask, completions,
+    completion_mask)``: [Bp*G, P] int32 twice, then [Bp*G, N] and its int32 mask."""
+    chex.assert_rank([prompts, prompt_mask], 2)
+    prompts = jnp.repeat(jnp.asarray(prompts, jnp.int32), group_size, axis=0)
+    prompt_mask = jnp.repeat(jnp.asarray(prompt_mask, jnp.int32), group_size, axis=0)
+    gen = generate_fn(params, prompts, prompt_mask, rng)
+    return prompts, prompt_mask, gen.sequences[:, prompts.shape[1]:], gen.response_mask.astype(jnp.int32)
 
 
 @flax.struct.dataclass
