@@ -660,6 +660,30 @@ def _is_causal_lm(module) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
+def _value_head_model_from(cls, source, not_an_lm: str, dtype, torch_dtype, revision, trust_remote_code, vkw: dict):
+    """The body of both value-head shells' ``from_pretrained``: ``source`` is a checkpoint path,
+    an instance of ``cls.transformers_parent_class`` (its config extras and generation config are
+    kept) or an rljax ``(lm_module, lm_params)`` pair; ``vkw`` the value-head arguments."""
+    if isinstance(source, (str, os.PathLike)):
+        directory, cfg = read_checkpoint(source, revision, trust_remote_code)
+        module, params = value_head_model_from_pretrained(directory, dtype, torch_dtype=torch_dtype, **vkw)
+        return cls(module, params, config_extras=_config_extras(cfg),
+                   generation_config=GenerationConfig.from_model(module.config, directory))
+    dtype = as_jax_dtype(merge_dtype_args(dtype, torch_dtype))
+    parent = cls.transformers_parent_class
+    if isinstance(source, parent):
+        if vkw["summary_dropout_prob"] is None:
+            vkw = dict(vkw, summary_dropout_prob=getattr(source.config, "summary_dropout_prob", None))
+        model = cls.from_lm(source.module, source.params, dtype=dtype, **vkw)
+        model.config = HFConfig(model.module.config, model._config_changed, source.config.extras)
+        model.generation_config = dataclasses.replace(source.generation_config)
+        return model
+    if isinstance(source, tuple) and len(source) == 2:
+        return cls.from_lm(*source, dtype=dtype, **vkw)
+    raise ValueError(f"{not_an_lm} rljax takes a checkpoint path, an {parent.__name__} or an "
+                     f"(lm_module, lm_params) pair; got {type(source).__name__}.")
+
+
 class _ValueHeadView(WeightsView):
     """``model.v_head``: ``.summary.weight`` [1, hidden], ``.summary.bias`` [1], ``.dropout.p``."""
 
@@ -748,24 +772,8 @@ class AutoModelForCausalLMWithValueHead(AutoModelForCausalLM):
         _check_load_kwargs(cls.__name__, model_args, kwargs)
         vkw = dict(summary_dropout_prob=summary_dropout_prob, v_head_init_strategy=v_head_init_strategy,
                    v_head_initializer_range=v_head_initializer_range, rng=rng)
-        source = pretrained_model_name_or_path
-        if isinstance(source, (str, os.PathLike)):
-            directory, cfg = read_checkpoint(source, revision, trust_remote_code)
-            module, params = value_head_model_from_pretrained(directory, dtype, torch_dtype=torch_dtype, **vkw)
-            return cls(module, params, config_extras=_config_extras(cfg),
-                       generation_config=GenerationConfig.from_model(module.config, directory))
-        dtype = as_jax_dtype(merge_dtype_args(dtype, torch_dtype))
-        if isinstance(source, AutoModelForCausalLM):
-            if vkw["summary_dropout_prob"] is None:
-                vkw["summary_dropout_prob"] = getattr(source.config, "summary_dropout_prob", None)
-            model = cls.from_lm(source.module, source.params, dtype=dtype, **vkw)
-            model.config = HFConfig(model.module.config, model._config_changed, source.config.extras)
-            model.generation_config = dataclasses.replace(source.generation_config)
-            return model
-        if isinstance(source, tuple) and len(source) == 2:
-            return cls.from_lm(*source, dtype=dtype, **vkw)
-        raise ValueError(f"{NOT_A_CAUSAL_LM} rljax takes a checkpoint path, an AutoModelForCausalLM or an "
-                         f"(lm_module, lm_params) pair; got {type(source).__name__}.")
+        return _value_head_model_from(cls, pretrained_model_name_or_path, NOT_A_CAUSAL_LM, dtype, torch_dtype, revision,
+                                      trust_remote_code, vkw)
 
     @classmethod
     def from_lm(cls, lm_module, params, *, dtype=None, summary_dropout_prob=None, v_head_init_strategy=None,
@@ -1080,24 +1088,8 @@ class AutoModelForSeq2SeqLMWithValueHead(AutoModelForSeq2SeqLM):
         _check_load_kwargs(cls.__name__, model_args, kwargs)
         vkw = dict(summary_dropout_prob=summary_dropout_prob, v_head_init_strategy=v_head_init_strategy,
                    v_head_initializer_range=v_head_initializer_range, rng=rng)
-        source = pretrained_model_name_or_path
-        if isinstance(source, (str, os.PathLike)):
-            directory, cfg = read_checkpoint(source, revision, trust_remote_code)
-            module, params = value_head_model_from_pretrained(directory, dtype, torch_dtype=torch_dtype, **vkw)
-            return cls(module, params, config_extras=_config_extras(cfg),
-                       generation_config=GenerationConfig.from_model(module.config, directory))
-        dtype = as_jax_dtype(merge_dtype_args(dtype, torch_dtype))
-        if isinstance(source, AutoModelForSeq2SeqLM):
-            if vkw["summary_dropout_prob"] is None:
-                vkw["summary_dropout_prob"] = getattr(source.config, "summary_dropout_prob", None)
-            model = cls.from_lm(source.module, source.params, dtype=dtype, **vkw)
-            model.config = HFConfig(model.module.config, model._config_changed, source.config.extras)
-            model.generation_config = dataclasses.replace(source.generation_config)
-            return model
-        if isinstance(source, tuple) and len(source) == 2:
-            return cls.from_lm(*source, dtype=dtype, **vkw)
-        raise ValueError(f"{NOT_A_SEQ2SEQ_LM} rljax takes a checkpoint path, an AutoModelForSeq2SeqLM or an "
-                         f"(lm_module, lm_params) pair; got {type(source).__name__}.")
+        return _value_head_model_from(cls, pretrained_model_name_or_path, NOT_A_SEQ2SEQ_LM, dtype, torch_dtype, revision,
+                                      trust_remote_code, vkw)
 
     @classmethod
     def from_lm(cls, lm_module, params, *, dtype=None, summary_dropout_prob=None, v_head_init_strategy=None,
