@@ -98,7 +98,28 @@ class CausalLMWithValueHeadOutput:
     cache: Optional[Any] = None
 
 
-class CausalLMWithValueHead(nn.Module):
+class _WrapsLM:
+    """What a value-head wrapper forwards to its ``lm``: config, dtype, cache, config.json."""
+
+    @property
+    def config(self):
+        return self.lm.config
+
+    @property
+    def dtype(self):
+        return self.lm.dtype
+
+    def init_cache(self, batch_size: int, max_length: int, dtype=None) -> dict:
+        return self.lm.init_cache(batch_size, max_length, dtype)
+
+    def hf_config_dict(self) -> dict:
+        """The base model's config.json, plus ``summary_dropout_prob`` (TRL reads it from the config)."""
+        d = self.lm.config.to_dict()
+        d["summary_dropout_prob"] = self.summary_dropout_prob
+        return d
+
+
+class CausalLMWithValueHead(_WrapsLM, nn.Module):
     """A causal LM plus TRL's value head; the LM's ``__call__``/``init_cache`` contract, with
     ``values`` added to the output. Param layout: see the module docstring."""
 
@@ -125,23 +146,6 @@ class CausalLMWithValueHead(nn.Module):
         values = self.v_head(window_positions(out.hidden_states, logits_window), deterministic)
         return CausalLMWithValueHeadOutput(out.logits, values, out.hidden_states, out.cache)
 
-    @property
-    def config(self):
-        return self.lm.config
-
-    @property
-    def dtype(self):
-        return self.lm.dtype
-
-    def init_cache(self, batch_size: int, max_length: int, dtype=None) -> dict:
-        return self.lm.init_cache(batch_size, max_length, dtype)
-
-    def hf_config_dict(self) -> dict:
-        """The base model's config.json, plus ``summary_dropout_prob`` (TRL reads it from the config)."""
-        d = self.lm.config.to_dict()
-        d["summary_dropout_prob"] = self.summary_dropout_prob
-        return d
-
 
 def apply_lm_windowed(lm, input_ids, attention_mask, position_ids, cache, deterministic, logits_window):
     """Call the bound ``lm`` with its LM head on ``logits_window`` only (sliced afterwards when
@@ -167,7 +171,7 @@ class Seq2SeqLMWithValueHeadOutput:
     cache: Optional[Any] = None
 
 
-class Seq2SeqLMWithValueHead(nn.Module):
+class Seq2SeqLMWithValueHead(_WrapsLM, nn.Module):
     """An encoder-decoder LM (T5) plus TRL's value head on the decoder's last hidden state
     (TRL's ``AutoModelForSeq2SeqLMWithValueHead``). Params: the LM's at the top level, plus
     ``v_head`` (as ``CausalLMWithValueHead``). ``__call__(input_ids [B, S], attention_mask,
@@ -190,22 +194,6 @@ class Seq2SeqLMWithValueHead(nn.Module):
                       cache, deterministic)
         values = self.v_head(out.hidden_states, deterministic)
         return Seq2SeqLMWithValueHeadOutput(out.logits, values, out.hidden_states, out.encoder_hidden_states, out.cache)
-
-    @property
-    def config(self):
-        return self.lm.config
-
-    @property
-    def dtype(self):
-        return self.lm.dtype
-
-    def init_cache(self, batch_size: int, max_length: int, dtype=None) -> dict:
-        return self.lm.init_cache(batch_size, max_length, dtype)
-
-    def hf_config_dict(self) -> dict:
-        d = self.lm.config.to_dict()
-        d["summary_dropout_prob"] = self.summary_dropout_prob
-        return d
 
 
 def is_value_head_module(module) -> bool:
