@@ -382,6 +382,7 @@ def make_ppo_step(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             logprobs=rollout.logprobs, values=values, masks=masks, advantages=advantages, returns=returns,
         )
+        data = jax.tree_util.tree_map(jnp.asarray, data)  # host (numpy) rollouts: gather with traced perm
         rng, step_key = jax.random.split(state.rng)
         carry = (state.params, state.opt_state, jnp.array(False))
         epoch = make_epoch(tx, data)
