@@ -248,11 +248,17 @@ def make_ppo_step(
     tx: Optional[optax.GradientTransformation] = None,
     num_processes: int = 1,
     mesh: Optional[Any] = None,
+    trainable: Optional[Any] = None,
 ) -> Callable:
     """Build ``ppo_step(state, rollout, scores [B]) -> (state, stats)`` (pure; jit it).
 
     ``tx``: the optax transformation the step applies (closed over: the optimizer belongs to
-    the step, the state holds only its ``opt_state``); default ``make_ppo_optimizer(config)``.
+    the step, the state holds only its ``opt_state``); default ``make_ppo_optimizer(config,
+    trainable)``. ``trainable``: optional bool pytree like the params (PEFT:
+    ``rljax.models.peft.trainable_mask``): gradients are taken w.r.t. the True leaves only and
+    the others are passed through unchanged, so a frozen base (float or quantized, whose int8
+    codes have no gradient) gets no gradient buffer and never moves; pair it with a frozen-aware
+    ``tx`` (``make_ppo_optimizer(config, trainable)``).
     The state must have been created with an equal ``tx`` (``PPOTrainState.create(...,
     tx=tx)``). Two steps built from equal settings compile separately only if jitted
     separately: keep one jitted step per (module, config, tx) and reuse it.
@@ -278,7 +284,14 @@ def make_ppo_step(
     if B % bb:
         raise ValueError(f"batch_size {B} must be a multiple of mini_batch_size*gradient_accumulation_steps = {bb}.")
     n_bb, epochs = B // bb, config.ppo_epochs
-    tx = make_ppo_optimizer(config) if tx is None else tx
+    tx = make_ppo_optimizer(config, trainable) if tx is None else tx
+    from rljax.models.peft import merge_trainable, split_trainable
+
+    def split(params):  # (trainable leaves, frozen leaves); everything trains without a mask
+        return (params, None) if trainable is None else split_trainable(params, trainable)
+
+    def merge(train, frozen):
+        return train if frozen is None else merge_trainable(train, frozen)
 
     def loss_fn(params, batch):
         # The heads run on the response window only: logits [mb, N, V], values [mb, N].
@@ -297,7 +310,11 @@ def make_ppo_step(
         )
         return pg_loss + vf_loss, stats
 
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    # Differentiate the trainable leaves only (all of them without ``trainable``).
+    def split_loss(train, frozen, batch):
+        return loss_fn(merge(train, frozen), batch)
+
+    grad_fn = jax.value_and_grad(split_loss, has_aux=True)
 
     def make_epoch(tx, data):
         """One PPO epoch over ``data`` (the [B, ...] arrays), as a ``lax.scan`` body."""
@@ -306,22 +323,25 @@ def make_ppo_step(
             """GA minibatches -> averaged grads -> one update (unless all skipped)."""
             params, opt_state = carry
             batches = inputs  # leaves [GA, mb, ...]
+            train, frozen = split(params)
 
             def minibatch(grads_acc, batch):
                 batch = constrain_batch(batch, mesh)  # [mb, ...]: rows stay split over (data, fsdp)
-                (_, stats), grads = grad_fn(params, batch)
+                (_, stats), grads = grad_fn(train, frozen, batch)
                 keep = 1.0 - stats["skipped"]
                 grads = jax.tree_util.tree_map(lambda g: jnp.where(keep > 0, g, 0.0), grads)
                 return jax.tree_util.tree_map(jnp.add, grads_acc, grads), stats
 
-            zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+            zeros = jax.tree_util.tree_map(jnp.zeros_like, train)
             grads, stats = jax.lax.scan(minibatch, zeros, batches)
             grads = jax.tree_util.tree_map(lambda g: g / GA, grads)
+            if frozen is not None:  # tx sees the whole tree; its frozen leaves get zero (unused) updates
+                grads = merge(grads, jax.tree_util.tree_map(jnp.zeros_like, frozen))
             updates, new_opt_state = tx.update(grads, opt_state, params)
-            new_params = optax.apply_updates(params, updates)
+            new_train = optax.apply_updates(train, split(updates)[0])
             all_skipped = jnp.all(stats["skipped"] > 0)
             pick = lambda new, old: jnp.where(all_skipped, old, new)  # noqa: E731
-            params = jax.tree_util.tree_map(pick, new_params, params)
+            params = merge(jax.tree_util.tree_map(pick, new_train, train), frozen)
             opt_state = jax.tree_util.tree_map(pick, new_opt_state, opt_state)
             return (params, opt_state), stats
 
@@ -476,6 +496,7 @@ def make_train(
     num_steps: int,
     *,
     tx: Optional[optax.GradientTransformation] = None,
+    trainable: Optional[Any] = None,
 ) -> Callable:
     """``train(state, reward_params, prompts, prompt_mask) -> (state, stats)``: ``num_steps`` PPO
     iterations in one ``lax.scan``.
@@ -485,7 +506,8 @@ def make_train(
     parameter-free reward) and the left-padded prompt bank ``prompts``/``prompt_mask``
     [num_prompts, P]. Each iteration takes ``batch_size`` prompts, rolls out, scores with the
     JAX ``reward_fn(reward_params, rollout) -> [B]`` (raw scores, logged as
-    ``env/reward_mean``) and runs ``ppo_step`` (built with ``tx``, default the config's Adam).
+    ``env/reward_mean``) and runs ``ppo_step`` (built with ``tx``, default the config's Adam,
+    and ``trainable``: see ``make_ppo_step``).
 
     Prompt sampling: epochs over the bank. At the start of ``train`` and whenever an epoch is
     used up, one permutation of the bank is drawn (keys from ``state.rng``); iteration ``i`` of
@@ -504,7 +526,7 @@ def make_train(
     """
     B = config.batch_size
     rollout_fn = make_rollout(module, generate_fn, config.kl_penalty, chunk_size=config.mini_batch_size)
-    ppo_step = make_ppo_step(module, config, tx=tx)
+    ppo_step = make_ppo_step(module, config, tx=tx, trainable=trainable)
 
     def train(state: PPOTrainState, reward_params: Any, prompts: Array, prompt_mask: Array):
         check_prompt_bank(prompts, prompt_mask, B)

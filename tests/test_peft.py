@@ -231,3 +231,133 @@ def test_reward_trainer_seq_cls_adapter_trains_lora_and_score(lm, tiny_tokenizer
     moved = changed(trainer.params, start)
     assert "score/kernel" in moved and any(k.endswith("lora_B") for k in moved)
     assert all(k.endswith(("lora_A", "lora_B")) or k.startswith("score") for k in moved)
+
+
+# --------------------------------------------------------------------------
+# AutoModelForCausalLMWithValueHead.from_pretrained(peft_config=, reward_adapter=, load_in_8bit=)
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def base_dir(lm, tmp_path_factory):
+    from rljax.models.hub import save_pretrained
+
+    module, params = lm
+    path = str(tmp_path_factory.mktemp("peft_base") / "base")
+    save_pretrained(module, params, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reward_adapter_dir(lm, base_dir, tmp_path_factory):
+    """A reward adapter as a RewardTrainer with peft_config (SEQ_CLS) saves it: LoRA on the
+    trunk + a 2-label ``score`` head (modules_to_save), in PEFT's files."""
+    from rljax.models.heads import SequenceScoreModel, init_score
+
+    module, params = lm
+    score_module = SequenceScoreModel(module.config, num_labels=2)
+    score_params = {"transformer": params["transformer"], **init_score(score_module, jax.random.PRNGKey(5))}
+    rm = get_peft_model((score_module, score_params), LoraConfig(r=4, lora_alpha=8, task_type="SEQ_CLS",
+                                                                 target_modules=["c_attn", "c_proj"],
+                                                                 init_lora_weights=False), rng=jax.random.PRNGKey(7))
+    path = str(tmp_path_factory.mktemp("peft_rm") / "rm_adapter")
+    rm.save_pretrained(path)
+    return path, (score_module, score_params)
+
+
+def _ppo_batch(vocab, seed=0):
+    rs = np.random.RandomState(seed)
+    queries = [rs.randint(3, vocab, n) for n in (3, 5, 2, 6)]
+    responses = [rs.randint(3, vocab, n) for n in (4, 3, 6, 5)]
+    return queries, responses, rs
+
+
+def _right_padded(rows):
+    width = max(len(r) for r in rows)
+    ids = np.zeros((len(rows), width), np.int32)
+    mask = np.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)], mask[i, :len(r)] = r, 1
+    return ids, mask
+
+
+@pytest.mark.slow
+def test_ppo_step_scored_by_a_reward_adapter_on_the_same_base(lm, base_dir, reward_adapter_dir, tiny_tokenizer):
+    """TRL's ppo_multi_adapter.py: policy adapter + reward adapter (LoRA + score head) on one base.
+    compute_reward_score equals the reward model (SequenceScoreModel + that adapter) at each row's
+    last token (atol 1e-5); the reward side holds only adapter + head (no second base: the scorer
+    takes the policy's params as an argument, its program has no weight constants); a PPO step
+    on those scores trains the policy adapter + value head only and leaves the rewards unchanged."""
+    from rljax.models.heads import last_token_index
+    from rljax.models.peft import make_reward_adapter_scorer
+
+    rm_dir, (score_module, score_params) = reward_adapter_dir
+    policy = AutoModelForCausalLMWithValueHead.from_pretrained(
+        base_dir, peft_config=LoraConfig(r=4, lora_alpha=8, init_lora_weights=False), reward_adapter=rm_dir)
+    assert policy.is_peft_model and policy.supports_rm_adapter and policy.rm_adapter_name == "reward_adapter"
+    reward_leaves = flatten_dict(policy.reward_adapter_params)
+    assert all(k[-1] in ("lora_A", "lora_B") or k[0] == "score" for k in reward_leaves)
+    assert reward_leaves[("score", "kernel")].shape == (32, 2)
+    assert sum(int(np.prod(v.shape)) for v in reward_leaves.values()) < 0.2 * sum(
+        int(np.prod(v.shape)) for v in jax.tree_util.tree_leaves(policy.params))
+
+    vocab = len(tiny_tokenizer)
+    queries, responses, _ = _ppo_batch(vocab)
+    ids, mask = _right_padded([np.concatenate([q, r]) for q, r in zip(queries, responses)])
+    raw = np.asarray(policy.compute_reward_score(ids, mask))
+    assert raw.shape == ids.shape + (2,)
+    last = np.asarray(last_token_index(jnp.asarray(mask)))
+    expected_rm = PeftModel.from_pretrained((score_module, score_params), rm_dir)
+    expected = expected_rm.module.apply({"params": expected_rm.params}, jnp.asarray(ids), jnp.asarray(mask)).logits
+    np.testing.assert_allclose(raw[np.arange(BATCH), last], np.asarray(expected), atol=1e-5)
+    jaxpr = jax.make_jaxpr(make_reward_adapter_scorer(policy.module, policy.reward_adapter_config))(
+        policy.params, policy.reward_adapter_params, jnp.asarray(ids), jnp.asarray(mask))
+    assert sum(int(np.size(c)) for c in jaxpr.consts) < 1000  # weights enter as arguments, not constants
+
+    config = PPOConfig(batch_size=BATCH, mini_batch_size=2, ppo_epochs=1, learning_rate=1e-2)
+    trainer = PPOTrainer(config, policy, ref_model=None, tokenizer=tiny_tokenizer)
+    assert trainer.state.ref_params is None
+    before = jax.tree_util.tree_map(np.asarray, trainer.state.params)
+    scores = [raw[i, last[i], 1] for i in range(BATCH)]  # TRL reads label 1 at the last token
+    stats = trainer.step(queries, responses, scores)
+    assert np.isfinite(stats["ppo/loss/total"])
+    moved = changed(trainer.state.params, before)
+    assert moved and all(k.endswith(("lora_A", "lora_B")) or k.startswith("v_head") for k in moved)
+    np.testing.assert_allclose(np.asarray(policy.compute_reward_score(ids, mask)), raw, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_qlora_ppo_step_trains_adapters_and_value_head_over_an_int8_base(base_dir, tiny_tokenizer):
+    """from_pretrained(..., peft_config=, load_in_8bit=True): the base's linear kernels are int8
+    (QuantizedArray); a PPO step (make_ppo_step(..., trainable=)) differentiates and updates only
+    the adapters and the value head, keeps Adam state only for them, and leaves every base byte
+    (int8 codes, scales, embeddings, norms) exactly as it was."""
+    from rljax.models.quant import is_quantized, param_bytes
+
+    lora = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=["c_attn", "c_fc"])
+    policy = AutoModelForCausalLMWithValueHead.from_pretrained(base_dir, peft_config=lora, load_in_8bit=True)
+    kernel = policy.params["transformer"]["h_0"]["mlp"]["c_fc"]["kernel"]
+    assert is_quantized(kernel) and kernel.codes.dtype == jnp.int8
+    mask = trainable_mask(policy.params, policy.lora_config)
+    frozen_bytes = param_bytes([x for x, m in zip(jax.tree_util.tree_leaves(policy.params),
+                                                  jax.tree_util.tree_leaves(mask)) if not m])
+
+    config = PPOConfig(batch_size=BATCH, mini_batch_size=2, ppo_epochs=2, learning_rate=1e-2)
+    trainer = PPOTrainer(config, policy, ref_model=None, tokenizer=tiny_tokenizer)
+    n_trainable = sum(int(np.prod(x.shape)) for x, m in zip(jax.tree_util.tree_leaves(trainer.state.params),
+                                                             jax.tree_util.tree_leaves(mask)) if m)
+    adam = [x for x in jax.tree_util.tree_leaves(trainer.state.opt_state) if getattr(x, "ndim", 0) >= 1]
+    assert sum(int(np.prod(x.shape)) for x in adam) == 2 * n_trainable
+    queries, responses, rs = _ppo_batch(len(tiny_tokenizer), seed=1)
+    before = jax.tree_util.tree_map(np.asarray, trainer.state.params)
+    stats = trainer.step(queries, responses, [np.float32(s) for s in rs.randn(BATCH)])
+    assert np.isfinite(stats["ppo/loss/total"])
+    after = trainer.state.params
+    leaves = jax.tree_util.tree_flatten_with_path(after)[0]  # QuantizedArray: codes and scale are leaves
+    moved = {jax.tree_util.keystr(p) for (p, x), y in zip(leaves, jax.tree_util.tree_leaves(before))
+             if np.asarray(x).dtype != y.dtype or not np.array_equal(np.asarray(x), y)}
+    trained = {jax.tree_util.keystr(p) for (p, _), m in zip(leaves, jax.tree_util.tree_leaves(mask)) if m}
+    assert moved == trained  # every adapter and the value head moved; no base byte did
+    assert any("lora_B" in k for k in moved) and any("v_head" in k for k in moved)
+    assert param_bytes([x for x, m in zip(jax.tree_util.tree_leaves(after), jax.tree_util.tree_leaves(mask))
+                        if not m]) == frozen_bytes

@@ -13,9 +13,11 @@ code touches: ``from_pretrained``, calling the model, ``.generate(**hf_kwargs)``
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
 import json
 import os
+import warnings
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
@@ -517,6 +519,8 @@ class AutoModelForCausalLM:
     ``module, params = model`` unpacks it.
     """
 
+    name_or_path: Optional[str] = None  # HF's: the checkpoint it was loaded from (PEFT records it)
+
     def __init__(self, module, params, *, config_extras: Optional[dict] = None,
                  generation_config: Optional[GenerationConfig] = None, seed: int = 0):
         if getattr(module, "is_encoder_decoder", False) and not isinstance(self, AutoModelForSeq2SeqLM):
@@ -538,8 +542,10 @@ class AutoModelForCausalLM:
         _check_load_kwargs(cls.__name__, model_args, kwargs)
         directory, cfg = read_checkpoint(pretrained_model_name_or_path, revision, trust_remote_code)
         module, params = _lm_from_pretrained(directory, dtype, torch_dtype=torch_dtype)
-        return cls(module, params, config_extras=_config_extras(cfg),
-                   generation_config=GenerationConfig.from_model(module.config, directory))
+        model = cls(module, params, config_extras=_config_extras(cfg),
+                    generation_config=GenerationConfig.from_model(module.config, directory))
+        model.name_or_path = str(pretrained_model_name_or_path)
+        return model
 
     @classmethod
     def from_config(cls, config, *, dtype=None, torch_dtype=None, rng: Optional[jax.Array] = None):
@@ -667,8 +673,10 @@ def _value_head_model_from(cls, source, not_an_lm: str, dtype, torch_dtype, revi
     if isinstance(source, (str, os.PathLike)):
         directory, cfg = read_checkpoint(source, revision, trust_remote_code)
         module, params = value_head_model_from_pretrained(directory, dtype, torch_dtype=torch_dtype, **vkw)
-        return cls(module, params, config_extras=_config_extras(cfg),
-                   generation_config=GenerationConfig.from_model(module.config, directory))
+        model = cls(module, params, config_extras=_config_extras(cfg),
+                    generation_config=GenerationConfig.from_model(module.config, directory))
+        model.name_or_path = str(source)
+        return model
     dtype = as_jax_dtype(merge_dtype_args(dtype, torch_dtype))
     parent = cls.transformers_parent_class
     if isinstance(source, parent):
@@ -677,11 +685,90 @@ def _value_head_model_from(cls, source, not_an_lm: str, dtype, torch_dtype, revi
         model = cls.from_lm(source.module, source.params, dtype=dtype, **vkw)
         model.config = HFConfig(model.module.config, model._config_changed, source.config.extras)
         model.generation_config = dataclasses.replace(source.generation_config)
+        model.name_or_path = source.name_or_path
         return model
     if isinstance(source, tuple) and len(source) == 2:
         return cls.from_lm(*source, dtype=dtype, **vkw)
     raise ValueError(f"{not_an_lm} rljax takes a checkpoint path, an {parent.__name__} or an "
                      f"(lm_module, lm_params) pair; got {type(source).__name__}.")
+
+
+def _quantization_kind(quantization_config, load_in_8bit: bool, load_in_4bit: bool) -> Optional[str]:
+    """rljax's weight-only scheme ("int8" / "nf4") from HF's loader arguments, or None."""
+    if quantization_config is not None:
+        from rljax.trainers.model_config import BitsAndBytesConfig
+
+        if not isinstance(quantization_config, BitsAndBytesConfig):  # transformers' own: same fields
+            quantization_config = BitsAndBytesConfig(**{f.name: getattr(quantization_config, f.name) for f in
+                                                        dataclasses.fields(BitsAndBytesConfig)
+                                                        if hasattr(quantization_config, f.name)})
+        if load_in_8bit or load_in_4bit:
+            raise ValueError("Pass either quantization_config or load_in_8bit/load_in_4bit, not both.")
+        return quantization_config.quantization
+    if load_in_8bit and load_in_4bit:
+        raise ValueError("load_in_8bit and load_in_4bit cannot both be True: choose one precision.")
+    return "int8" if load_in_8bit else "nf4" if load_in_4bit else None
+
+
+def _read_v_head(directory: str) -> Optional[dict]:
+    """``{"v_head": ...}`` params saved beside a PEFT adapter (rljax: model.safetensors; TRL:
+    pytorch_model.bin, read with torch when installed), or None when there is none."""
+    from rljax.models.hub import _read_safetensors
+
+    path = os.path.join(directory, "model.safetensors")
+    if os.path.exists(path):
+        sd = _read_safetensors(path)
+    elif os.path.exists(os.path.join(directory, "pytorch_model.bin")):
+        import torch  # a TRL-saved value head (torch.save); torch is optional, needed only here
+
+        sd = {k: v.float().numpy() for k, v in torch.load(os.path.join(directory, "pytorch_model.bin"),
+                                                          map_location="cpu").items()}
+    else:
+        return None
+    if "v_head.summary.weight" not in sd:
+        return None
+    return {"v_head": {"summary": {"kernel": jnp.asarray(np.asarray(sd["v_head.summary.weight"], np.float32).T),
+                                   "bias": jnp.asarray(np.asarray(sd["v_head.summary.bias"], np.float32))}}}
+
+
+def _attach_peft(model, *, lora=None, peft_config=None, adapter_dir=None, is_trainable=False, quantization=None,
+                 reward_adapter=None, reward_adapter_name="reward_adapter"):
+    """TRL's PEFT steps of ``from_pretrained`` on a value-head model: quantize the frozen base,
+    then a saved adapter (``adapter_dir``, frozen unless ``is_trainable``, its value head if saved
+    beside it) or a fresh one (``peft_config``), then the reward adapter. ``lora``: the config of
+    adapters the model already has (a ``PeftModel`` source)."""
+    from rljax.models.peft import PeftModel, get_peft_model, load_reward_adapter
+
+    if reward_adapter is not None and not isinstance(reward_adapter, (str, os.PathLike)):
+        raise ValueError("The `reward_adapter` argument should be a string representing the name of local path or "
+                         "the Hub id to the Reward Modeling adapter.")
+    if quantization is not None and lora is None and peft_config is None and adapter_dir is None:
+        raise ValueError(f"quantization ({quantization}) freezes the base: only LoRA adapters can train over it. Pass "
+                         "peft_config=LoraConfig(...) (or load a PEFT adapter directory).")
+    if quantization is not None:
+        from rljax.models.quant import quantize_params
+
+        model.params = quantize_params(model.params, quantization)
+    if adapter_dir is not None:
+        if peft_config is not None:
+            warnings.warn(f"`peft_config` argument ignored since a peft config file was found in {adapter_dir}")
+        pm = PeftModel.from_pretrained((model.module, model.params), str(adapter_dir), is_trainable=is_trainable)
+        head = _read_v_head(str(adapter_dir))
+        model.module, model.params, lora = pm.module, {**pm.params, **(head or {})}, pm.lora_config
+    elif lora is None and peft_config is not None:
+        pm = get_peft_model((model.module, model.params), peft_config)
+        model.module, model.params, lora = pm.module, pm.params, pm.lora_config
+    if lora is not None:
+        if lora.base_model_name_or_path is None and model.name_or_path is not None:
+            lora = dataclasses.replace(lora, base_model_name_or_path=model.name_or_path)
+        model.lora_config, model.is_peft_model = lora, True
+    if reward_adapter is not None:
+        if not model.is_peft_model:
+            raise ValueError("reward_adapter can only be used with a PeftModel. Pass peft_config=LoraConfig(...) too.")
+        config, reward = load_reward_adapter(str(reward_adapter), model.params, family_of(model.module.config))
+        model.reward_adapter_config, model.reward_adapter_params = config, reward
+        model.supports_rm_adapter, model.rm_adapter_name = True, reward_adapter_name
+    return model
 
 
 class _ValueHeadView(WeightsView):
@@ -720,6 +807,12 @@ class _PretrainedModel(AutoModelForCausalLM):
         return self._owner._next_rng(rng)
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        if self._owner.is_peft_model:  # TRL's pretrained_model is then a PeftModel: the adapter files
+            from rljax.models.peft import PeftModel
+
+            PeftModel(self.module, self.params, self._owner.lora_config, base_model=self._owner).save_pretrained(
+                save_directory)
+            return
         config_extras = {k: v for k, v in self.config.extras.items() if k != "summary_dropout_prob"}
         AutoModelForCausalLM(self.module, self.params, config_extras=config_extras,
                              generation_config=self.generation_config).save_pretrained(save_directory, **kwargs)
@@ -738,6 +831,15 @@ class AutoModelForCausalLMWithValueHead(AutoModelForCausalLM):
     transformers_parent_class = AutoModelForCausalLM  # TRL's class attributes
     lm_head_namings = ["lm_head", "embed_out"]
     supported_args = ("summary_dropout_prob", "v_head_initializer_range", "v_head_init_strategy")
+    # PEFT (set by from_pretrained): the policy adapter's LoraConfig; the reward adapter
+    # (TRL's multi-adapter PPO): its LoraConfig and {"adapter": lora leaves, "score": head}.
+    is_peft_model = False
+    lora_config = None
+    supports_rm_adapter = False
+    rm_adapter_name = None
+    policy_adapter_name = "default"
+    reward_adapter_config = None
+    reward_adapter_params = None
 
     def __init__(self, module: CausalLMWithValueHead, params: dict, *, config_extras: Optional[dict] = None,
                  generation_config: Optional[GenerationConfig] = None, seed: int = 0):
@@ -758,22 +860,62 @@ class AutoModelForCausalLMWithValueHead(AutoModelForCausalLM):
         v_head_init_strategy: Optional[str] = None,
         v_head_initializer_range: float = 0.2,
         rng: Optional[jax.Array] = None,
+        peft_config: Any = None,
+        reward_adapter: Optional[str] = None,
+        reward_adapter_name: str = "reward_adapter",
+        is_trainable: bool = False,
+        quantization_config: Any = None,
+        load_in_8bit: bool = False,
+        load_in_4bit: bool = False,
         **kwargs,
     ) -> "AutoModelForCausalLMWithValueHead":
         """From a checkpoint directory / hub id, an ``AutoModelForCausalLM`` (TRL: an already
-        built transformers model), or an rljax ``(lm_module, lm_params)`` pair.
+        built transformers model), a ``rljax.models.peft.PeftModel`` (``get_peft_model``'s), a
+        PEFT adapter directory, or an rljax ``(lm_module, lm_params)`` pair.
 
         The value head is loaded when the checkpoint has ``v_head.*`` tensors, else initialised
         from ``rng`` (default ``PRNGKey(0)``) with ``v_head_init_strategy`` (None: TRL's random
         init; "normal": N(0, ``v_head_initializer_range``) weight, zero bias).
         ``summary_dropout_prob``: given -> used; None -> the config's ``summary_dropout_prob``,
         else 0.1. Anything that is not a causal LM raises TRL's ValueError.
+
+        PEFT (TRL 0.7.11): ``peft_config`` (a LoraConfig, rljax's or peft's) adds a fresh
+        adapter; a directory holding ``adapter_config.json`` loads its base
+        (``base_model_name_or_path``), then the adapter (frozen unless ``is_trainable``; the value
+        head saved beside it, if any; ``peft_config`` is then ignored with a warning).
+        ``reward_adapter``: a reward adapter directory (LoRA + ``score`` head, e.g. a
+        ``RewardTrainer`` run with ``peft_config``) loaded onto the same base for
+        ``compute_reward_score``. ``quantization_config`` (a ``BitsAndBytesConfig``) /
+        ``load_in_8bit`` / ``load_in_4bit``: the frozen base's linear weights in int8 / NF4
+        (``rljax.models.quant``); needs LoRA adapters.
         """
         _check_load_kwargs(cls.__name__, model_args, kwargs)
+        from rljax.models.peft import ADAPTER_CONFIG_NAME, PeftModel, read_adapter_config
+
         vkw = dict(summary_dropout_prob=summary_dropout_prob, v_head_init_strategy=v_head_init_strategy,
                    v_head_initializer_range=v_head_initializer_range, rng=rng)
-        return _value_head_model_from(cls, pretrained_model_name_or_path, NOT_A_CAUSAL_LM, dtype, torch_dtype, revision,
-                                      trust_remote_code, vkw)
+        source, adapter_dir, lora = pretrained_model_name_or_path, None, None
+        if isinstance(source, PeftModel):  # get_peft_model(AutoModelForCausalLM...): keep its config objects
+            lora, peft_model = source.lora_config, source
+            if dtype is not None or torch_dtype is not None:
+                raise ValueError("dtype/torch_dtype cannot recast a PeftModel; load the base in that dtype first.")
+            base = peft_model.base_model
+            if isinstance(base, AutoModelForCausalLM) and not isinstance(base, cls):
+                source = copy.copy(base)
+                source.module, source.params = peft_model.module, peft_model.params
+            else:
+                source = (peft_model.module, peft_model.params)
+        elif isinstance(source, (str, os.PathLike)) and os.path.isfile(os.path.join(source, ADAPTER_CONFIG_NAME)):
+            adapter_dir, source = source, read_adapter_config(str(source)).base_model_name_or_path
+            if source is None:
+                raise ValueError(f"{adapter_dir}/{ADAPTER_CONFIG_NAME} names no base_model_name_or_path; load the base "
+                                 "model and pass it with PeftModel.from_pretrained(base, adapter_dir).")
+        model = _value_head_model_from(cls, source, NOT_A_CAUSAL_LM, dtype, torch_dtype, revision, trust_remote_code,
+                                       vkw)
+        return _attach_peft(model, lora=lora, peft_config=peft_config, adapter_dir=adapter_dir,
+                            is_trainable=is_trainable,
+                            quantization=_quantization_kind(quantization_config, load_in_8bit, load_in_4bit),
+                            reward_adapter=reward_adapter, reward_adapter_name=reward_adapter_name)
 
     @classmethod
     def from_lm(cls, lm_module, params, *, dtype=None, summary_dropout_prob=None, v_head_init_strategy=None,
@@ -781,7 +923,7 @@ class AutoModelForCausalLMWithValueHead(AutoModelForCausalLM):
         """Wrap an rljax causal LM (module, params); the value head is freshly initialised."""
         if isinstance(lm_module, CausalLMWithValueHead):
             return cls(lm_module, params)
-        if not _is_causal_lm(lm_module):
+        if not _is_causal_lm(getattr(lm_module, "base_module", lm_module)):  # a LoraModel wraps its LM
             raise ValueError(f"{NOT_A_CAUSAL_LM} Got a {type(lm_module).__name__}; pass a causal LM module "
                              "(e.g. from rljax.models.from_pretrained).")
         dtype = as_jax_dtype(dtype)
@@ -823,6 +965,41 @@ class AutoModelForCausalLMWithValueHead(AutoModelForCausalLM):
         """A weight by TRL's name (``"pretrained_model.transformer.h.0.attn.c_attn.weight"``,
         ``"v_head.summary.weight"``) or the plain HF name."""
         return self._weights()._get(name[len("pretrained_model."):] if name.startswith("pretrained_model.") else name)
+
+    # -- PEFT ---------------------------------------------------------------------------------
+    def compute_reward_score(self, input_ids, attention_mask=None, **kwargs) -> jax.Array:
+        """TRL's multi-adapter reward: the base with the reward adapter (not the policy's) and
+        its ``score`` head -> scores [batch, seq, num_labels] (float32) at every position (read
+        the last real token's, as TRL's ``ppo_multi_adapter.py``). Jitted; the policy's params
+        are an argument, so the one base serves policy, reference and reward."""
+        if not self.supports_rm_adapter:
+            raise ValueError("This model does not support reward modeling adapter. Load it with "
+                             "from_pretrained(..., peft_config=..., reward_adapter=<adapter dir>).")
+        ids, mask, _, _ = _prep_call(input_ids, attention_mask, None, None, None, kwargs)
+        key = ("reward_score", self.module, self.reward_adapter_config)
+        if key not in _FORWARDS:
+            from rljax.models.peft import make_reward_adapter_scorer
+
+            _FORWARDS[key] = (self.module, jax.jit(make_reward_adapter_scorer(self.module, self.reward_adapter_config)))
+            while len(_FORWARDS) > 32:
+                _FORWARDS.popitem(last=False)
+        return _FORWARDS[key][1](self.params, self.reward_adapter_params, ids, mask)
+
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        """TRL's: a PEFT model writes its adapter files plus the value head alone
+        (``model.safetensors``); otherwise the full HF checkpoint with ``v_head.*``."""
+        if not self.is_peft_model:
+            return super().save_pretrained(save_directory, **kwargs)
+        from rljax.models.peft import PeftModel
+
+        PeftModel(self.module, self.params, self.lora_config, base_model=self).save_pretrained(save_directory)
+
+    def state_dict(self) -> Dict[str, np.ndarray]:
+        """HF tensor names -> arrays; a PEFT model's holds the value head only (TRL)."""
+        if not self.is_peft_model:
+            return super().state_dict()
+        head = self.params["v_head"]["summary"]
+        return {"v_head.summary.weight": np.asarray(head["kernel"]).T, "v_head.summary.bias": np.asarray(head["bias"])}
 
     def _lm_module(self):
         return self.module.lm

@@ -38,8 +38,9 @@ import json
 import math
 import os
 import re
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -70,6 +71,10 @@ __all__ = [
     "load_adapter",
     "ADAPTER_CONFIG_NAME",
     "ADAPTER_WEIGHTS_NAME",
+    "adapter_leaves",
+    "with_adapter",
+    "load_reward_adapter",
+    "make_reward_adapter_scorer",
 ]
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -159,6 +164,7 @@ class LoraConfig:
         for name in ("layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern"):
             if getattr(self, name):
                 raise ValueError(f"LoraConfig.{name} is not supported by rljax; leave it unset (one rank for all).")
+            object.__setattr__(self, name, None)  # PEFT's files write {} / []: keep the config hashable
         if self.use_dora:
             raise ValueError("LoraConfig.use_dora=True (DoRA) is not supported by rljax; pass use_dora=False.")
         if self.init_lora_weights not in (True, False):
@@ -314,8 +320,13 @@ def trainable_mask(params: Any, config: Optional[LoraConfig] = None,
                    extra_trainable: Sequence[str] = ("v_head",)) -> Any:
     """Bool pytree like ``params``: True for what trains under LoRA: the adapters, the
     top-level modules in ``extra_trainable`` (TRL's value head), the config's
-    ``modules_to_save`` (SEQ_CLS: ``score``) and the biases ``bias=`` selects."""
+    ``modules_to_save`` (SEQ_CLS: ``score``) and the biases ``bias=`` selects. With
+    ``inference_mode`` (PEFT: an adapter loaded with ``is_trainable=False``) only
+    ``extra_trainable`` trains."""
     config = config or LoraConfig()
+    if config.inference_mode:
+        return jax.tree_util.tree_map(lambda path: path[0] in extra_trainable, _leaf_paths(params),
+                                      is_leaf=lambda x: isinstance(x, tuple))
     save = config.resolved_modules_to_save()
     lora_scopes = {p for p in _dense_scopes(params) if "lora_A" in _get(params, p)}
 
@@ -574,7 +585,8 @@ def adapter_state_dict(params: Any, config: LoraConfig, family: Any = None) -> D
     ``<module>.modules_to_save.<param>`` (value head excluded: TRL saves it apart)."""
     from rljax.models.hub import HEAD_PREFIXES, hf_name
 
-    mask = flatten_dict(trainable_mask(params, config, extra_trainable=()), is_leaf=lambda k, x: isinstance(x, bool))
+    saved = dataclasses.replace(config, inference_mode=False)  # a frozen adapter is saved all the same
+    mask = flatten_dict(trainable_mask(params, saved, extra_trainable=()), is_leaf=lambda k, x: isinstance(x, bool))
     flat = flatten_dict(dict(params), is_leaf=lambda k, x: is_quantized(x))
     save = config.resolved_modules_to_save()
     out: Dict[str, np.ndarray] = {}
@@ -708,6 +720,83 @@ def load_adapter(directory: str, params: Any, family: Any = None) -> Tuple[LoraC
 
 
 # --------------------------------------------------------------------------------------------
+# A second adapter on the same base: TRL's reward adapter (ppo_multi_adapter.py)
+# --------------------------------------------------------------------------------------------
+
+#: Module names TRL looks for in a reward adapter's file (its ``supported_rm_modules``).
+REWARD_SCORE_MODULES = ("score",)
+
+
+def adapter_leaves(params: Any) -> Any:
+    """The ``lora_A``/``lora_B`` leaves of ``params`` alone (a small tree, same paths)."""
+    flat = flatten_dict(dict(params), is_leaf=lambda k, x: is_quantized(x))
+    return unflatten_dict({k: v for k, v in flat.items() if k[-1] in LORA_LEAVES})
+
+
+def with_adapter(params: Any, adapter: Any) -> Any:
+    """``params`` with its adapters replaced by ``adapter`` (a tree of ``lora_A``/``lora_B``
+    leaves, as :func:`adapter_leaves` gives). A pytree re-arrangement: under ``jax.jit`` the
+    base arrays are shared, not copied. Jittable."""
+    flat = flatten_dict(dict(strip_adapters(params)), is_leaf=lambda k, x: is_quantized(x))
+    flat.update(flatten_dict(dict(adapter)))
+    return unflatten_dict(flat)
+
+
+def load_reward_adapter(directory: str, params: Any, family: Any = None) -> Tuple[LoraConfig, Dict[str, Any]]:
+    """TRL's ``add_and_load_reward_modeling_adapter``: a PEFT adapter directory trained as a
+    reward model (``SEQ_CLS``: LoRA + a ``score`` head) read onto the policy's base ``params``
+    -> ``(config, {"adapter": lora leaves only, "score": {"kernel": [hidden, num_labels],
+    ["bias": [num_labels]]}})`` (float32). The base is not copied: only the adapter and the head
+    are returned. As TRL, every tensor whose name contains ``score`` belongs to the head."""
+    from rljax.models.hub import _read_safetensors
+
+    config = read_adapter_config(directory)
+    weights = os.path.join(directory, ADAPTER_WEIGHTS_NAME)
+    if not os.path.exists(weights):
+        raise ValueError(f"No {ADAPTER_WEIGHTS_NAME} in {directory}: reward_adapter must be a PEFT adapter directory "
+                         "saved by a reward trainer with peft_config (task_type='SEQ_CLS').")
+    sd = _read_safetensors(weights)
+    is_head = lambda k: any(m in k.split(".") for m in REWARD_SCORE_MODULES)
+    head = {k.split(".")[-1]: np.asarray(v, np.float32) for k, v in sd.items() if is_head(k)}
+    if "weight" not in head:
+        raise ValueError(f"The reward adapter in {directory} has no score head (no tensor named '*score*.weight'); "
+                         "train it as a sequence classifier (RewardTrainer with peft_config, task_type='SEQ_CLS').")
+    body = {k: v for k, v in sd.items() if not is_head(k)}
+    config = dataclasses.replace(config, modules_to_save=None, task_type=TaskType.CAUSAL_LM, inference_mode=True)
+    loaded = load_adapter_state_dict(strip_adapters(params), body, config, family)
+    score = {"kernel": jnp.asarray(head["weight"].T)}
+    if "bias" in head:
+        score["bias"] = jnp.asarray(head["bias"])
+    return config, {"adapter": adapter_leaves(loaded), "score": score}
+
+
+def make_reward_adapter_scorer(module: Any, config: LoraConfig) -> Callable[..., jax.Array]:
+    """``score(params, reward, input_ids [B, T], attention_mask [B, T] | None) -> [B, T,
+    num_labels]`` (float32): TRL's ``compute_reward_score``. ``module``: the policy (a LoRA
+    value-head model or LM); ``params``: its params (base + policy adapters; the policy adapters
+    are swapped for ``reward["adapter"]`` inside the function, so the one base serves both);
+    ``reward``: :func:`load_reward_adapter`'s dict. The last hidden state goes through the
+    score head at every position, as TRL's (read the last real token's row for a sequence
+    score); the LM head runs on one column only. Pure and jittable."""
+    lm = wrap_module(_unwrap(getattr(module, "lm", module)), dataclasses.replace(config, lora_dropout=0.0))
+
+    def score(params: Any, reward: Dict[str, Any], input_ids: jax.Array,
+              attention_mask: Optional[jax.Array] = None) -> jax.Array:
+        from rljax.models.attention import apply_windowed
+
+        chex.assert_rank(input_ids, 2)
+        p = with_adapter({k: v for k, v in params.items() if k != "v_head"}, reward["adapter"])
+        t = input_ids.shape[1]
+        out = apply_windowed(lm, {"params": p}, input_ids, attention_mask, deterministic=True,
+                             logits_window=(t - 1, 1))
+        head = reward["score"]
+        y = jnp.dot(out.hidden_states.astype(jnp.float32), head["kernel"].astype(jnp.float32))
+        return y + head["bias"].astype(jnp.float32) if "bias" in head else y
+
+    return score
+
+
+# --------------------------------------------------------------------------------------------
 # PeftModel: the user-facing object
 # --------------------------------------------------------------------------------------------
 
@@ -797,13 +886,15 @@ class PeftModel:
 
     @classmethod
     def from_pretrained(cls, model: Any, model_id: str, is_trainable: bool = False, **_: Any) -> "PeftModel":
-        """Load a PEFT adapter directory onto ``model`` ((module, params) or a model object)."""
+        """Load a PEFT adapter directory onto ``model`` ((module, params) or a model object);
+    ``is_trainable=False`` (PEFT's default) loads it frozen (``inference_mode``: trainers then
+    train only the value head, if any)."""
         from rljax.models.hub import family_of
 
         module, params = _module_params(model)
         base_params = strip_adapters(params)
         config, loaded = load_adapter(model_id, base_params, family_of(module.config))
-        del is_trainable
+        config = dataclasses.replace(config, inference_mode=not is_trainable)  # PEFT: frozen unless is_trainable
         return cls(wrap_module(_unwrap(module), config), loaded, config, base_model=model)
 
 

@@ -27,6 +27,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from rljax.core import check_whiten_mask, convert_to_scalar, logprobs_from_logits, stats_to_np
@@ -259,7 +260,9 @@ class PPOTrainer:
 
         # The jitted step donates the state: train on copies so the caller's arrays stay valid.
         policy = self.model.params
-        _check_float_params("model", policy)
+        # PEFT: only the adapters (+ value head) train, so the frozen base may be quantized.
+        _check_float_params("model", policy, trainable_mask(policy, getattr(self.model, "lora_config", None))
+                            if peft_ref else None)
         params = _copy_tree(policy)
         shared: Optional[int] = None
         if peft_ref:
@@ -309,10 +312,16 @@ class PPOTrainer:
             tx = self.optimizer
             # equal settings give an equal optimizer: trainers share one jitted step (one compile)
             self._tx_key = ("default", float(config.learning_rate), config.max_grad_norm, trainable_key)
+        elif peft_ref:  # no optimizer state (and no update) for the frozen base, whatever the optimizer
+            self.optimizer = optimizer
+            labels = jax.tree_util.tree_map(lambda t: "train" if t else "frozen", trainable)
+            tx = optax.multi_transform({"train": optimizer, "frozen": optax.set_to_zero()}, labels)
+            self._tx_key = ("user", optimizer, trainable_key)
         else:
             self.optimizer = optimizer
             tx = optimizer if trainable is None else freeze_params(optimizer, trainable)
             self._tx_key = ("user", optimizer, trainable_key)
+        self._trainable = trainable if peft_ref else None  # the step differentiates these leaves only
         self._tx = tx  # the step closes over it (make_ppo_step(..., tx=tx)); the state holds opt_state
         self.lr_scheduler = lr_scheduler
         self.state = PPOTrainState.create(params, ref_params, config, tx=tx)
@@ -342,7 +351,8 @@ class PPOTrainer:
             )
             self._ppo_step = _cached_jit(
                 ("ppo_step", self.module, _config_key(config), self._tx_key),
-                lambda: jax.jit(make_ppo_step(self.module, config, tx=tx), donate_argnums=(0,)),
+                lambda: jax.jit(make_ppo_step(self.module, config, tx=tx, trainable=self._trainable),
+                                donate_argnums=(0,)),
             )
         else:
             self._jit_on_mesh(mesh)
@@ -403,7 +413,8 @@ class PPOTrainer:
             self._forward_fn(), mesh, in_shardings=(sh.params, sh.ref_params, rows, rows, rows, rows), out_shardings=rows
         )
         self._ppo_step = jit_sharded(
-            make_ppo_step(self.module, self.config, tx=self._tx), mesh, in_shardings=(sh, rows, rows),
+            make_ppo_step(self.module, self.config, tx=self._tx, trainable=self._trainable), mesh,
+            in_shardings=(sh, rows, rows),
             out_shardings=(sh, replicated(mesh)), donate_argnums=(0,),
         )
 
@@ -829,14 +840,18 @@ class PPOTrainer:
 # ==========================================================================
 
 
-def _check_float_params(name: str, params: Any) -> None:
-    """PPO trains params by gradient: integer (e.g. quantized) leaves cannot be trained."""
-    bad = [(jax.tree_util.keystr(p), jnp.result_type(x)) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
-           if not jnp.issubdtype(jnp.result_type(x), jnp.floating)]
+def _check_float_params(name: str, params: Any, trainable: Any = None) -> None:
+    """PPO trains params by gradient: integer (e.g. quantized) leaves cannot be trained.
+    ``trainable`` (bool pytree, PEFT): only those leaves are checked (a frozen base may be quantized)."""
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    keep = [True] * len(leaves) if trainable is None else jax.tree_util.tree_leaves(trainable)
+    bad = [(jax.tree_util.keystr(p), jnp.result_type(x)) for (p, x), k in zip(leaves, keep)
+           if k and not jnp.issubdtype(jnp.result_type(x), jnp.floating)]
     if bad:
         raise ValueError(
             f"{name}'s params must be floating point to train; {len(bad)} leaves are not (first: {bad[0][0]} has dtype "
-            f"{bad[0][1]}). Load the model in float32 or bfloat16 (torch_dtype=...), not quantized."
+            f"{bad[0][1]}). Load the model in float32 or bfloat16 (torch_dtype=...), or quantize only a frozen base "
+            "under LoRA (peft_config=...)."
         )
 
 
