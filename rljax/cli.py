@@ -1,8 +1,10 @@
-"""``rljax sft|reward|ppo|dpo``: the trainers from the command line.
+"""``rljax sft|reward|ppo|dpo|grpo|rloo``: the trainers from the command line.
 
     rljax sft --model_name_or_path DIR --dataset_name data.jsonl --learning_rate 1e-4 --max_steps 100
     rljax dpo --config dpo.yaml --beta 0.2
     rljax ppo --model_name_or_path sft_dir --reward_model rm_dir --dataset_name prompts.jsonl --steps 256
+    rljax grpo --model_name_or_path sft_dir --dataset_name prompts.jsonl --reward_funcs my_rewards.exact_match
+    rljax rloo --model_name_or_path sft_dir --dataset_name prompts.jsonl --reward_model rm_dir --rloo_k 4
     python -m rljax reward --help
 
 Every field of the subcommand's config dataclass (``SFTConfig``, ``RewardConfig``,
@@ -25,7 +27,17 @@ Model and data (every subcommand):
 Columns: sft ``text`` (or ``--dataset_text_field``); reward ``chosen`` / ``rejected`` texts
 (optional ``prompt``) or TRL's tokenized ``input_ids_chosen``...; dpo ``prompt`` / ``chosen`` /
 ``rejected``; ppo a text column (``--dataset_text_field``, default ``text``) whose first
-``--max_prompt_length`` tokens are the queries.
+``--max_prompt_length`` tokens are the queries; grpo / rloo a ``prompt`` column (or
+``--dataset_prompt_field``) of texts, the other columns passed to the reward functions.
+
+GRPO and RLOO run the ``GRPOTrainer`` / ``RLOOTrainer`` shells (``GRPOConfig`` /
+``RLOOConfig`` flags, later TRL's names): each step one jitted rollout (generate + log-probs)
+and one jitted update; the rewards are Python functions on the decoded texts
+(``--reward_funcs pkg.module.function ...``, TRL's ``reward_func(prompts, completions,
+completion_ids, **columns)``) and/or a sequence-score checkpoint (``--reward_model DIR``).
+Metrics go to ``output_dir/metrics.jsonl`` (plus ``--report_to``); the final policy to
+``--output_dir``. For a JAX reward, ``rljax.grpo.make_train`` / ``rljax.rloo.make_train`` run
+the whole loop as one compiled ``lax.scan`` instead.
 
 PPO uses the functional core (``rljax.ppo_train.make_train``), not the ``PPOTrainer`` shell:
 the reward is a reward-model checkpoint (``--reward_model DIR``, a sequence-score model such
@@ -51,7 +63,8 @@ import textwrap
 import typing
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-__all__ = ["main", "parse", "COMMANDS", "ModelDataArguments", "PPOScriptArguments", "load_dataset_splits"]
+__all__ = ["main", "parse", "COMMANDS", "ModelDataArguments", "OnlineScriptArguments", "PPOScriptArguments",
+           "load_dataset_splits"]
 
 
 # --------------------------------------------------------------------------
@@ -109,6 +122,22 @@ class PPOScriptArguments(ModelDataArguments):
     """Log a table of query/response/reward samples every N iterations."""
 
 
+@dataclasses.dataclass
+class OnlineScriptArguments(ModelDataArguments):
+    """GRPO / RLOO run options that GRPOConfig / RLOOConfig do not have (rewards, prompts)."""
+
+    reward_funcs: Optional[List[str]] = None
+    """Python reward functions on decoded texts, as import paths (pkg.module.function or pkg.module:function) called
+    as TRL's reward_func(prompts, completions, completion_ids, **columns) -> list of floats (None: not applicable)."""
+    reward_model: Optional[str] = None
+    """A sequence-score checkpoint (e.g. the output_dir of `rljax reward`, sharing the policy's tokenizer): its
+    score of prompt + completion is one more reward function."""
+    reward_label_index: Optional[int] = None
+    """Logit of the reward model used as the score (None: the only one of a num_labels=1 model)."""
+    dataset_prompt_field: str = "prompt"
+    """Dataset column holding the prompt texts (the other columns are passed to the reward functions)."""
+
+
 # Documentation of config fields whose classes carry none (shown by --help).
 FIELD_DOCS = {
     "dataset_text_field": "Dataset column holding the training text (default: 'text' when the dataset has it).",
@@ -144,9 +173,10 @@ FIELD_DOCS = {
 
 def _attribute_docs(cls: type) -> Dict[str, str]:
     """``{field: docstring}`` from the string literals that follow field definitions
-    (through the MRO; the subclass wins)."""
+    (through the MRO; the subclass wins). Fields a config generates from an algorithm's settings
+    (``rljax.trainers.online.fields_from``) take their text from the settings class."""
     docs: Dict[str, str] = {}
-    for klass in reversed(cls.__mro__):
+    for klass in [*getattr(cls, "__fields_from__", ()), *reversed(cls.__mro__)]:
         if klass is object or not dataclasses.is_dataclass(klass):
             continue
         try:
@@ -745,6 +775,122 @@ def run_ppo(config, script: PPOScriptArguments) -> Dict[str, Any]:
     return _finish(script, result, "ppo")
 
 
+def import_reward_func(path: str) -> Callable:
+    """The function at ``pkg.module.function`` or ``pkg.module:function`` (``--reward_funcs``)."""
+    import importlib
+
+    module_name, sep, attr = path.partition(":") if ":" in path else path.rpartition(".")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"--reward_funcs {path!r}: give an import path, pkg.module.function or pkg.module:function.")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"--reward_funcs {path!r}: cannot import it ({type(e).__name__}: {e}); is its module on "
+                         "PYTHONPATH?") from e
+    if not callable(fn):
+        raise ValueError(f"--reward_funcs {path!r} is not callable.")
+    return fn
+
+
+def reward_model_func(path: str, tokenizer, label_index: Optional[int] = None, bucket: int = 16) -> Callable:
+    """A TRL-style reward function scoring ``prompt + completion`` with the sequence-score checkpoint
+    at ``path`` (jitted; rows right-padded to a multiple of ``bucket`` tokens, so few compiles)."""
+    import jax
+    import numpy as np
+
+    from rljax.data import pad_sequences
+    from rljax.models.heads import sequence_score_from_pretrained
+
+    if not os.path.isdir(path):
+        raise ValueError(f"--reward_model {path!r}: no such checkpoint directory (e.g. the output_dir of "
+                         "`rljax reward`).")
+    module, params = sequence_score_from_pretrained(path)
+    label = label_index
+    if label is None:
+        if module.num_labels != 1:
+            raise ValueError(f"The reward model has num_labels={module.num_labels}; pick a logit with "
+                             "--reward_label_index.")
+        label = 0
+    score = jax.jit(lambda p, ids, mask: module.apply({"params": p}, ids, mask).logits[:, label])
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def reward_model(prompts, completions, completion_ids, **_):
+        ids = [tokenizer(p, add_special_tokens=False).input_ids + list(c) for p, c in zip(prompts, completion_ids)]
+        width = -(-max(len(x) for x in ids) // bucket) * bucket
+        seqs = pad_sequences(ids, pad, "right", width)
+        mask = pad_sequences([np.ones(len(x), np.int32) for x in ids], 0, "right", width)
+        return [float(v) for v in np.asarray(score(params, seqs, mask))]
+
+    return reward_model
+
+
+def _online_inputs(config, script: OnlineScriptArguments, command: str):
+    """(model, tokenizer, train rows, reward functions) of ``rljax grpo|rloo``."""
+    from rljax.models import from_pretrained
+
+    if config.resume_from_checkpoint:
+        raise ValueError(f"`rljax {command}` cannot resume yet (no checkpoints are written); drop "
+                         "--resume_from_checkpoint.")
+    tokenizer = load_tokenizer(script, command)
+    train, _ = load_dataset_splits(_require(script.dataset_name, "dataset_name", command), script.dataset_train_split,
+                                   None)
+    field = script.dataset_prompt_field
+    if field not in train.column_names:
+        raise ValueError(f"The dataset has no {field!r} column (columns: {train.column_names}); set "
+                         "--dataset_prompt_field.")
+    if field != "prompt":
+        train = train.rename_column(field, "prompt") if "prompt" not in train.column_names else (
+            train.remove_columns("prompt").rename_column(field, "prompt"))
+    if train.num_rows and not isinstance(train[0]["prompt"], str):
+        raise ValueError(f"Column {field!r} must hold prompt texts (conversational prompts are not supported yet).")
+    funcs = [import_reward_func(p) for p in script.reward_funcs or []]
+    if script.reward_model:
+        funcs.append(reward_model_func(script.reward_model, tokenizer, script.reward_label_index))
+    if not funcs:
+        raise ValueError(f"`rljax {command}` needs a reward: --reward_funcs pkg.module.function ... and/or "
+                         "--reward_model DIR.")
+    model = from_pretrained(_require(script.model_name_or_path, "model_name_or_path", command))
+    return model, tokenizer, train, funcs
+
+
+def _run_online(trainer_cls, config, script: OnlineScriptArguments, command: str) -> Dict[str, Any]:
+    model, tokenizer, train, funcs = _online_inputs(config, script, command)
+    trainer = trainer_cls(model, funcs, config, train, processing_class=tokenizer)
+    result = trainer.train()
+    trainer.save_model(config.output_dir)
+    key = "reward" if command == "grpo" else "objective/scores"
+    logged = [e for e in trainer.log_history if key in e]
+    if logged:
+        result.update({f"{key}_first": logged[0][key], f"{key}_last": logged[-1][key]})
+        result.update({k: v for k, v in logged[-1].items() if k in ("kl", "completions/mean_length",
+                                                                     "completion_length", "objective/kl")})
+    return _finish(config, result, command)
+
+
+def run_grpo(config, script: OnlineScriptArguments) -> Dict[str, Any]:
+    from rljax.trainers.grpo import GRPOTrainer
+
+    return _run_online(GRPOTrainer, config, script, "grpo")
+
+
+def run_rloo(config, script: OnlineScriptArguments) -> Dict[str, Any]:
+    from rljax.trainers.rloo import RLOOTrainer
+
+    return _run_online(RLOOTrainer, config, script, "rloo")
+
+
+def _grpo_config():
+    from rljax.trainers.grpo import GRPOConfig
+
+    return GRPOConfig
+
+
+def _rloo_config():
+    from rljax.trainers.rloo import RLOOConfig
+
+    return RLOOConfig
+
+
 def _sft_config():
     from rljax.trainers.sft import SFTConfig
 
@@ -777,11 +923,15 @@ COMMANDS: Dict[str, Command] = {
                    _ppo_config, PPOScriptArguments, run_ppo),
     "dpo": Command("dpo", "direct preference optimisation (TRL's DPOTrainer) on prompt/chosen/rejected.", _dpo_config,
                    ModelDataArguments, run_dpo),
+    "grpo": Command("grpo", "GRPO (later TRL's GRPOTrainer) on a prompt column with Python reward functions / a reward "
+                    "model.", _grpo_config, OnlineScriptArguments, run_grpo),
+    "rloo": Command("rloo", "RLOO (TRL's RLOOTrainer, rloo_k samples, leave-one-out baseline) on a prompt column.",
+                    _rloo_config, OnlineScriptArguments, run_rloo),
 }
 
 
 def _usage() -> str:
-    lines = ["usage: rljax {sft,reward,ppo,dpo} [--config FILE.yaml] [--FLAG VALUE ...]", "", "subcommands:"]
+    lines = [f"usage: rljax {{{','.join(COMMANDS)}}} [--config FILE.yaml] [--FLAG VALUE ...]", "", "subcommands:"]
     lines += [f"  {c.name:<8}{c.summary}" for c in COMMANDS.values()]
     lines += ["", "`rljax COMMAND --help` lists every flag with its default and documentation."]
     return "\n".join(lines)

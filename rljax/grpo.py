@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rljax.rollout import PolicyTrainState, response_logprobs, sample_groups
+from rljax.rollout import PolicyTrainState, check_temperature, response_logprobs, sample_groups
 from rljax.sharding import constrain_batch
 
 Array = jax.Array
@@ -56,20 +56,37 @@ class GRPOSettings:
     completions. Field names and defaults are TRL's ``GRPOConfig`` (v0.19-v0.21)."""
 
     num_generations: int = 8
+    """Completions sampled per prompt (the group of the group-relative advantage)."""
     generation_batch_size: int = 64
+    """Completions per rollout (B): a multiple of num_generations."""
     max_completion_length: int = 256
+    """Completion tokens per sample (N); dr_grpo divides by it."""
+    temperature: float = 1.0
+    """Sampling temperature; the log-probs are those of softmax(logits / temperature) (must equal generate_fn's)."""
     beta: float = 0.0
+    """KL coefficient (k3 estimator to the reference); 0 runs no reference forward at all."""
     epsilon: float = 0.2
+    """Lower clipping range of the importance weight (and upper, unless epsilon_high)."""
     epsilon_high: Optional[float] = None
+    """Upper clipping range (None: epsilon; DAPO's clip-higher uses 0.28)."""
     delta: Optional[float] = None
+    """Two-sided clipping: cap on the unclipped importance weight (None: off)."""
     importance_sampling_level: str = "token"
+    """Importance weights per token ('token') or one per sequence ('sequence', GSPO)."""
     scale_rewards: bool = True
+    """Divide the group-centred rewards by the group's std (+1e-4)."""
     loss_type: str = "bnpo"
+    """Loss aggregation: grpo (per-sequence mean), bnpo (token mean) or dr_grpo (sum / (rows * N))."""
     mask_truncated_completions: bool = False
+    """Leave completions without eos out of the loss."""
     num_iterations: int = 1
+    """Passes over each rollout (mu in the paper); > 1 scores the rollout's 'old' log-probs."""
     steps_per_generation: int = 1
+    """Optimizer updates per rollout pass."""
     gradient_accumulation_steps: int = 1
+    """Micro-batches averaged per optimizer update."""
     reward_weights: Optional[Tuple[float, ...]] = None
+    """Weights of the reward functions (None: all 1)."""
 
     def __post_init__(self) -> None:
         if self.num_generations < 2:
@@ -93,6 +110,8 @@ class GRPOSettings:
             raise ValueError(
                 f"importance_sampling_level must be one of {IMPORTANCE_LEVELS}, got {self.importance_sampling_level!r}."
             )
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 (GRPO samples), got {self.temperature}.")
         if self.beta < 0 or self.epsilon <= 0 or (self.epsilon_high is not None and self.epsilon_high <= 0):
             raise ValueError("beta must be >= 0 and epsilon / epsilon_high > 0.")
         if self.num_iterations < 1 or self.steps_per_generation < 1 or self.gradient_accumulation_steps < 1:
@@ -168,19 +187,20 @@ def make_grpo_rollout(
     reference: on ``state.ref_params``, or on the policy's params when those are None.
     ``eos_token_id``: what ends a completion (for ``truncated``). ``chunk_size``: rows per scoring
     forward (``rljax.rollout.chunked_rows``)."""
-    G = settings.num_generations
+    G, T = settings.num_generations, settings.temperature
     ref_module = module if ref_module is None else ref_module
+    check_temperature(generate_fn, T, "GRPOSettings")
 
     def rollout(state: Any, prompts: Array, prompt_mask: Array, rng: Array) -> GRPOBatch:
         prompts, prompt_mask, completions, mask = sample_groups(generate_fn, state.params, prompts, prompt_mask, G, rng)
         old = ref = None
         if settings.needs_old_logprobs:
             old = response_logprobs(module, state.params, prompts, prompt_mask, completions, mask,
-                                    chunk_size=chunk_size).logprobs
+                                    chunk_size=chunk_size, temperature=T).logprobs
         if settings.beta != 0.0:  # static: beta = 0 compiles no reference forward
             ref_p = state.params if state.ref_params is None else state.ref_params
             ref = response_logprobs(ref_module, ref_p, prompts, prompt_mask, completions, mask,
-                                    chunk_size=chunk_size).logprobs
+                                    chunk_size=chunk_size, temperature=T).logprobs
         return GRPOBatch(
             prompts=prompts, prompt_mask=prompt_mask, completions=completions, completion_mask=mask,
             truncated=is_truncated(completions, mask, eos_token_id),
@@ -315,7 +335,7 @@ def make_grpo_step(
 
     def loss_fn(params, micro):
         scores = response_logprobs(module, params, micro["prompts"], micro["prompt_mask"], micro["completions"],
-                                   micro["completion_mask"], return_entropy=True)
+                                   micro["completion_mask"], return_entropy=True, temperature=s.temperature)
         return grpo_loss(scores.logprobs, micro.get("old_logprobs"), micro.get("ref_logprobs"), micro["advantages"],
                          micro["loss_mask"], s, entropy=scores.entropy)
 

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rljax.rollout import PolicyTrainState, response_logprobs, sample_groups
+from rljax.rollout import PolicyTrainState, check_temperature, response_logprobs, sample_groups
 from rljax.sharding import constrain_batch
 
 Array = jax.Array
@@ -44,17 +44,31 @@ class RLOOSettings:
     ``gradient_accumulation_steps`` micro-batches per epoch. Names/defaults: TRL's ``RLOOConfig``."""
 
     rloo_k: int = 2
+    """Completions sampled per prompt (the leave-one-out group)."""
     batch_size: int = 64
+    """Completions per rollout (B): a multiple of rloo_k."""
+    temperature: float = 1.0
+    """Sampling temperature; the log-probs are those of softmax(logits / temperature) (must equal generate_fn's)."""
     kl_coef: float = 0.05
+    """KL coefficient of the penalty folded into the reward; 0 runs no reference forward."""
     cliprange: float = 0.2
+    """Clipping range of the sequence importance ratio."""
     num_ppo_epochs: int = 4
+    """Passes over each rollout."""
     num_mini_batches: int = 1
+    """Optimizer updates per pass."""
     gradient_accumulation_steps: int = 1
+    """Micro-batches averaged per optimizer update."""
     normalize_reward: bool = False
+    """Standardise the scores over the batch, then clip them to +-reward_clip_range."""
     reward_clip_range: float = 10.0
+    """Clip range of normalised scores."""
     normalize_advantage: bool = False
+    """Whiten the advantages over the batch."""
     token_level_kl: bool = False
+    """KL as a per-token reward (True) or one sequence-level penalty (the same return)."""
     missing_eos_penalty: Optional[float] = None
+    """Subtracted from the score of completions without eos (None: off)."""
 
     def __post_init__(self) -> None:
         if self.rloo_k < 2:
@@ -66,6 +80,8 @@ class RLOOSettings:
             raise ValueError(
                 f"batch_size={self.batch_size} must be a multiple of num_mini_batches * gradient_accumulation_steps = {per}."
             )
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 (RLOO samples), got {self.temperature}.")
         if self.num_ppo_epochs < 1 or self.cliprange <= 0 or self.kl_coef < 0:
             raise ValueError("num_ppo_epochs must be >= 1, cliprange > 0 and kl_coef >= 0.")
 
@@ -102,18 +118,19 @@ def make_rloo_rollout(
     ``generate_fn(params, ids, mask, rng)`` as ``rljax.generation.make_generate_fn(..., jit=False)``;
     ``eos_token_id`` (None: a completion that stops before the last slot counts as ended) feeds
     ``missing_eos_penalty``."""
-    k = settings.rloo_k
+    k, T = settings.rloo_k, settings.temperature
     ref_module = module if ref_module is None else ref_module
+    check_temperature(generate_fn, T, "RLOOSettings")
 
     def rollout(state: Any, prompts: Array, prompt_mask: Array, rng: Array) -> RLOOBatch:
         prompts, prompt_mask, completions, mask = sample_groups(generate_fn, state.params, prompts, prompt_mask, k, rng)
         fmask = mask.astype(jnp.float32)
         logprobs = response_logprobs(module, state.params, prompts, prompt_mask, completions, mask,
-                                     chunk_size=chunk_size).logprobs * fmask
+                                     chunk_size=chunk_size, temperature=T).logprobs * fmask
         if settings.kl_coef != 0.0:
             ref_p = state.params if state.ref_params is None else state.ref_params
             ref = response_logprobs(ref_module, ref_p, prompts, prompt_mask, completions, mask,
-                                    chunk_size=chunk_size).logprobs * fmask
+                                    chunk_size=chunk_size, temperature=T).logprobs * fmask
         else:
             ref = logprobs
         if eos_token_id is None:
@@ -208,7 +225,7 @@ def make_rloo_step(module: Any, settings: RLOOSettings, tx: optax.GradientTransf
 
     def loss_fn(params, micro):
         scores = response_logprobs(module, params, micro["prompts"], micro["prompt_mask"], micro["completions"],
-                                   micro["completion_mask"], return_entropy=True)
+                                   micro["completion_mask"], return_entropy=True, temperature=s.temperature)
         return rloo_loss(scores.logprobs, micro["logprobs"], micro["advantages"], micro["completion_mask"],
                          s.cliprange, entropy=scores.entropy)
 

@@ -21,6 +21,7 @@ of the weights).
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Optional, Tuple
 
 import chex
@@ -117,21 +118,29 @@ def response_logprobs(
     return_values: bool = False,
     return_entropy: bool = False,
     chunk_size: Optional[int] = None,
+    temperature: float = 1.0,
 ) -> ResponseScores:
     """Score ``responses`` [B, N] (right-padded) after ``queries`` [B, P] (left-padded).
 
     One forward pass of ``module`` (eval mode, no dropout) over ``[query | response]``, with
     the LM head on the response window only. ``return_values`` needs a value-head module
-    (``.values``); ``chunk_size``: rows per forward (see ``chunked_rows``). Returns
-    ``ResponseScores`` with [B, N] float32 arrays (finite junk where ``response_mask`` is 0).
+    (``.values``); ``chunk_size``: rows per forward (see ``chunked_rows``). ``temperature``:
+    log-probs and entropy of ``softmax(logits / temperature)``, the distribution sampling at
+    that temperature drew from (later TRL's GRPO/RLOO; 1.0, PPO's, leaves the logits alone).
+    Returns ``ResponseScores`` with [B, N] float32 arrays (finite junk where ``response_mask``
+    is 0).
     """
     _check_pair(queries, query_mask, responses, response_mask)
+    if isinstance(temperature, (int, float)) and temperature <= 0:
+        raise ValueError(f"temperature must be > 0 to score sampled tokens, got {temperature}.")
     window = response_window(queries.shape[1], responses.shape[1])
+    scale = not (isinstance(temperature, (int, float)) and temperature == 1.0)
 
     def score(q, qm, r, rm):
         input_ids, attention_mask, position_ids, _ = sequence_inputs(q, qm, r, rm)
         out = _window_forward(module, params, input_ids, attention_mask, position_ids, window)
-        logprobs, entropy = logprobs_and_entropy(out.logits, r, with_entropy=return_entropy)
+        logits = out.logits / temperature if scale else out.logits
+        logprobs, entropy = logprobs_and_entropy(logits, r, with_entropy=return_entropy)
         values = out.values.astype(jnp.float32) if return_values else None
         return ResponseScores(logprobs=logprobs, values=values, entropy=entropy)
 
@@ -160,6 +169,28 @@ class PolicyTrainState:
     def create(cls, params: Any, tx: Any, ref_params: Any = None, rng: Optional[Array] = None) -> "PolicyTrainState":
         return cls(step=jnp.zeros((), jnp.int32), params=params, ref_params=ref_params, opt_state=tx.init(params),
                    rng=jax.random.PRNGKey(0) if rng is None else rng)
+
+
+def generation_temperature(generate_fn: Callable) -> Optional[float]:
+    """The sampling temperature baked into a ``rljax.generation.make_generate_fn`` function
+    (jitted or not); None when it cannot be read (any other callable) or it decodes greedily."""
+    fn = getattr(generate_fn, "__wrapped__", generate_fn)
+    settings = fn.args[1] if isinstance(fn, functools.partial) and len(fn.args) > 1 else None
+    if settings is None or not hasattr(settings, "temperature") or not getattr(settings, "do_sample", True):
+        return None
+    return float(settings.temperature)
+
+
+def check_temperature(generate_fn: Callable, temperature: float, owner: str) -> None:
+    """Raise when ``generate_fn`` samples at a temperature other than ``temperature`` (the one the
+    log-probs divide the logits by): the ratio and KL would compare different distributions."""
+    t = generation_temperature(generate_fn)
+    if t is not None and abs(t - float(temperature)) > 1e-12:
+        raise ValueError(
+            f"generate_fn samples at temperature={t} but {owner}.temperature={temperature}: the log-probs must "
+            f"score the sampling distribution. Pass {owner}(temperature={t}, ...) or build generate_fn with "
+            f"temperature={temperature}."
+        )
 
 
 def sample_groups(generate_fn: Callable, params: Any, prompts: Array, prompt_mask: Array, group_size: int,
@@ -279,7 +310,9 @@ def make_rollout(
 __all__ = [
     "ResponseScores",
     "Rollout",
+    "check_temperature",
     "chunked_rows",
+    "generation_temperature",
     "make_forward_rollout",
     "make_rollout",
     "response_logprobs",

@@ -99,3 +99,36 @@ def test_make_rollout_generates_then_scores():
     rollout = jax.jit(make_rollout(module, gen))(state, q, qm, jax.random.PRNGKey(0))
     assert rollout.responses.shape == (B, N) and rollout.logprobs.shape[0] == B
     np.testing.assert_allclose(np.asarray(rollout.ref_logprobs), np.asarray(rollout.logprobs), atol=0)
+
+
+def test_response_logprobs_at_a_temperature_score_the_tempered_distribution():
+    """``temperature=T``: log-probs and entropy of ``softmax(logits / T)`` gathered at the
+    response tokens (later TRL's GRPO/RLOO); T = 1 is the untouched default (PPO)."""
+    module, params, _, (q, qm, r, rm) = _setup()
+    window = _full_forward(module, params, q, qm, r, rm).logits[:, P - 1 : P + N - 1]
+    T = 0.7
+    scores = jax.jit(functools.partial(response_logprobs, module, return_entropy=True, temperature=T))
+    got = scores(params, q, qm, r, rm)
+    want = jnp.take_along_axis(jax.nn.log_softmax(window / T, axis=-1), r[..., None], axis=-1)[..., 0]
+    np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(want), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(got.entropy), np.asarray(entropy_from_logits(window / T)), rtol=1e-5,
+                               atol=1e-5)
+    plain = _scores_fn(None)(params, q, qm, r, rm)
+    assert not np.allclose(np.asarray(got.logprobs), np.asarray(plain.logprobs), atol=1e-3)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        response_logprobs(module, params, q, qm, r, rm, temperature=0.0)
+
+
+def test_the_sampling_temperature_of_a_generate_fn_is_read_and_checked():
+    from rljax.generation import make_generate_fn
+    from rljax.rollout import check_temperature, generation_temperature
+
+    module, *_ = _setup()
+    for jit in (False, True):
+        gen = make_generate_fn(module, max_new_tokens=N, do_sample=True, temperature=0.5, jit=jit)
+        assert generation_temperature(gen) == 0.5
+        check_temperature(gen, 0.5, "GRPOSettings")
+        with pytest.raises(ValueError, match=r"temperature=0.5 but GRPOSettings.temperature=1.0"):
+            check_temperature(gen, 1.0, "GRPOSettings")
+    greedy = make_generate_fn(module, max_new_tokens=N, do_sample=False, jit=False)
+    assert generation_temperature(greedy) is None and generation_temperature(lambda *a: None) is None

@@ -15,32 +15,28 @@ import numpy as np
 
 from rljax.rloo import RLOOSettings, RLOOTrainState, make_rloo_rollout, make_rloo_step
 from rljax.trainers.base import TrainingArguments, make_optimizer, prepare_output_dir
-from rljax.trainers.grpo import OnlineShell, RewardFunc
+from rljax.trainers.online import OnlineShell, RewardFunc, fields_from, settings_of
 
 
 @dataclasses.dataclass
+@fields_from(RLOOSettings, skip=("batch_size", "gradient_accumulation_steps"))
 class RLOOConfig(TrainingArguments):
     """TRL's ``RLOOConfig`` fields that rljax honours (names and defaults of TRL v0.19).
     ``per_device_train_batch_size`` counts completions per micro-batch; one rollout is
     ``per_device_train_batch_size * gradient_accumulation_steps * num_mini_batches`` completions
-    (TRL's ``batch_size``), i.e. that many / ``rloo_k`` prompts."""
+    (TRL's ``batch_size``), i.e. that many / ``rloo_k`` prompts. The algorithm's fields
+    (``rloo_k``, ``kl_coef``, ``cliprange``, ...) are ``rljax.rloo.RLOOSettings``'s, generated
+    from it (same names, types, defaults); only ``temperature`` differs (TRL's 0.7)."""
 
     learning_rate: float = 3e-6
     logging_steps: int = 10
     max_steps: int = 100
     max_prompt_length: Optional[int] = 512
+    """Prompts are left-truncated to this many tokens (None: the longest prompt)."""
     response_length: int = 53
+    """Completion tokens per sample."""
     temperature: float = 0.7
-    rloo_k: int = 2
-    kl_coef: float = 0.05
-    cliprange: float = 0.2
-    num_ppo_epochs: int = 4
-    num_mini_batches: int = 1
-    normalize_reward: bool = False
-    reward_clip_range: float = 10.0
-    normalize_advantage: bool = False
-    token_level_kl: bool = False
-    missing_eos_penalty: Optional[float] = None
+    """Sampling temperature (TRL's RLOOConfig default); the log-probs divide the logits by it."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -50,13 +46,8 @@ class RLOOConfig(TrainingArguments):
 
     def settings(self) -> RLOOSettings:
         batch = self.per_device_train_batch_size * self.gradient_accumulation_steps * self.num_mini_batches
-        return RLOOSettings(
-            rloo_k=self.rloo_k, batch_size=batch, kl_coef=self.kl_coef, cliprange=self.cliprange,
-            num_ppo_epochs=self.num_ppo_epochs, num_mini_batches=self.num_mini_batches,
-            gradient_accumulation_steps=self.gradient_accumulation_steps, normalize_reward=self.normalize_reward,
-            reward_clip_range=self.reward_clip_range, normalize_advantage=self.normalize_advantage,
-            token_level_kl=self.token_level_kl, missing_eos_penalty=self.missing_eos_penalty,
-        )
+        return settings_of(self, RLOOSettings, batch_size=batch,
+                           gradient_accumulation_steps=self.gradient_accumulation_steps)
 
 
 class RLOOTrainer(OnlineShell):
@@ -82,9 +73,18 @@ class RLOOTrainer(OnlineShell):
                                            rng=jax.random.PRNGKey(args.seed))
 
     def train(self) -> Dict[str, float]:
-        args, s = self.args, self.settings
+        args = self.args
         prepare_output_dir(args.output_dir, args.overwrite_output_dir)
         start = time.time()
+        try:
+            self._train_loop()
+        finally:
+            self._close_sinks()
+        self.params = self.state.params
+        return {"train_runtime": time.time() - start, "global_step": args.max_steps}
+
+    def _train_loop(self) -> None:
+        args, s = self.args, self.settings
         for step in range(1, args.max_steps + 1):
             idx = self._draw(s.num_prompts)
             rng, key = jax.random.split(self.state.rng)
@@ -94,8 +94,6 @@ class RLOOTrainer(OnlineShell):
             self.state, stats = self._step(self.state, batch, np.nansum(rewards, axis=1))
             if step % args.logging_steps == 0 or step == args.max_steps or (args.logging_first_step and step == 1):
                 self._log(step, jax.device_get(stats))
-        self.params = self.state.params
-        return {"train_runtime": time.time() - start, "global_step": args.max_steps}
 
 
 __all__ = ["RLOOConfig", "RLOOTrainer"]
