@@ -13,7 +13,6 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-from rljax.diffusion.clip_text import load_clip_text
 from rljax.diffusion.schedulers import DDIMSchedulerConfig, make_ddim_schedule
 from rljax.diffusion.sd_unet import UNet2DConditionConfig, load_unet
 from rljax.diffusion.sd_vae import load_vae_decoder
@@ -128,17 +127,6 @@ def test_unet_config_rejects_unsupported_fields():
         UNet2DConditionConfig.from_dict({**base, "down_block_types": ["SimpleCrossAttnDownBlock2D", "DownBlock2D"]})
 
 
-def test_clip_text_matches_transformers(sd_dir):
-    path, pipe = sd_dir
-    module, params = load_clip_text(os.path.join(path, "text_encoder"))
-    ids = pipe.tokenizer(["a cab", "ab ab ab ab ab ab ab ab"], padding="max_length", max_length=MAX_LEN,
-                         truncation=True, return_tensors="pt").input_ids
-    with torch.no_grad():
-        ref = pipe.text_encoder(ids)[0].numpy()
-    out = jax.jit(module.apply)({"params": params}, jnp.asarray(ids.numpy()))
-    np.testing.assert_allclose(np.asarray(out), ref, atol=ATOL)
-
-
 def test_vae_decode_matches_diffusers(sd_dir):
     path, pipe = sd_dir
     module, params = load_vae_decoder(os.path.join(path, "vae"))
@@ -213,27 +201,22 @@ def test_pipeline_lora_matches_diffusers_load_lora_weights(sd_dir, lora_pipe, tm
     jax.tree_util.tree_map(np.testing.assert_array_equal, again.params, lora_pipe.params)
 
 
-def test_pipeline_encode_and_decode_match_diffusers(sd_dir, lora_pipe):
+def test_pipeline_encode_prompts_matches_clip_text_model(sd_dir, lora_pipe):
+    """CLIPTextModel parity (through the pipeline's tokenizer wrapper and jitted encoder)."""
     pipe = sd_dir[1]
-    prompts = ["a cab", "ab"]
+    prompts = ["a cab", "ab ab ab ab ab ab ab ab", ""]
     ids = pipe.tokenizer(prompts, padding="max_length", max_length=MAX_LEN, truncation=True, return_tensors="pt")
+    np.testing.assert_array_equal(lora_pipe.tokenizer(prompts), ids.input_ids.numpy())
     with torch.no_grad():
-        ref_embeds = pipe.text_encoder(ids.input_ids)[0].numpy()
-    np.testing.assert_allclose(np.asarray(lora_pipe.encode_prompts(prompts)), ref_embeds, atol=ATOL)
-    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(6))
-    with torch.no_grad():
-        img = pipe.vae.decode(z / pipe.vae.config.scaling_factor).sample
-        ref_img = pipe.image_processor.postprocess(img, output_type="np")  # [B, H, W, 3] in [0, 1]
-    out = jax.jit(lora_pipe.decode_latents)(jnp.asarray(_nhwc(z)))
-    np.testing.assert_allclose(np.asarray(out), ref_img, atol=ATOL)
+        ref = pipe.text_encoder(ids.input_ids)[0].numpy()
+    np.testing.assert_allclose(np.asarray(lora_pipe.encode_prompts(prompts)), ref, atol=ATOL)
 
 
 @pytest.mark.slow
 def test_pipeline_samples_a_trajectory_through_the_ddpo_sampler(lora_pipe):
     """The tiny SD pipeline plugs into rljax.ddpo: CLIP prompts -> guided DDIM trajectory with
-    log-probs (one lax.scan) -> VAE images; and the log-prob of the sampled step is recovered
-    by the training loss path (ratio 1 at the sampling params)."""
-    from rljax.ddpo import compute_loss, make_sample_fn
+    log-probs (one lax.scan) -> VAE images in [0, 1]."""
+    from rljax.ddpo import make_sample_fn
     from rljax.diffusion.pipeline import DDPOPipeline
 
     assert isinstance(lora_pipe, DDPOPipeline)
@@ -248,9 +231,3 @@ def test_pipeline_samples_a_trajectory_through_the_ddpo_sampler(lora_pipe):
     np.testing.assert_array_equal(np.asarray(out.timesteps[0]), np.asarray(schedule.timesteps))
     images = jax.jit(lora_pipe.decode_latents)(out.latents[:, -1])
     assert images.shape == (2, 16, 16, 3) and float(images.min()) >= 0.0 and float(images.max()) <= 1.0
-    loss, (kl, _) = jax.jit(lambda p: compute_loss(
-        lora_pipe.unet_apply, p, schedule, out.latents[:, 1], out.timesteps[:, 1], out.latents[:, 2],
-        out.log_probs[:, 1], jnp.ones((2,)), embeds, neg, guidance_scale=5.0, eta=1.0, adv_clip_max=5.0,
-        clip_range=1e-4))(lora_pipe.params)
-    assert float(kl) < 1e-6
-    assert float(loss) == pytest.approx(-1.0, abs=1e-4)
