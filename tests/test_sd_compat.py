@@ -115,7 +115,10 @@ def test_unet_variant_config_matches_diffusers(tmp_path):
     np.testing.assert_allclose(np.asarray(out), ref, atol=ATOL)
 
 
-def test_unet_config_rejects_unsupported_fields():
+def test_configs_reject_unsupported_fields():
+    from rljax.diffusion.clip_text import CLIPTextConfig
+    from rljax.diffusion.sd_vae import AutoencoderKLConfig
+
     base = {"block_out_channels": [32, 64], "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
             "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "_class_name": "UNet2DConditionModel"}
     UNet2DConditionConfig.from_dict(base)
@@ -125,6 +128,11 @@ def test_unet_config_rejects_unsupported_fields():
         UNet2DConditionConfig.from_dict({**base, "some_new_field": 1})
     with pytest.raises(ValueError, match="SimpleCrossAttnDownBlock2D"):
         UNet2DConditionConfig.from_dict({**base, "down_block_types": ["SimpleCrossAttnDownBlock2D", "DownBlock2D"]})
+    with pytest.raises(ValueError, match="shift_factor"):
+        AutoencoderKLConfig.from_dict({"block_out_channels": [32], "up_block_types": ["UpDecoderBlock2D"],
+                                       "shift_factor": 0.1159})
+    with pytest.raises(ValueError, match="hidden_act"):
+        CLIPTextConfig.from_dict({"model_type": "clip_text_model", "hidden_act": "relu"})
 
 
 def test_vae_decode_matches_diffusers(sd_dir):
