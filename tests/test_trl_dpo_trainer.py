@@ -21,7 +21,6 @@ from rljax.trainers.base import TrainingArguments
 from rljax.trainers.dpo import DPOTrainer
 
 SEQ2SEQ = "seq2seq (T5) models are a separate rljax issue"
-PEFT = "PEFT/LoRA adapters (and bitsandbytes quantisation) are a separate rljax issue"
 
 
 def _save_tiny(cfg, tmp_path_factory, name):
@@ -144,6 +143,7 @@ def test_dpo_trainer_without_providing_ref_model(model_id, tokenizer, tmp_path):
         train_dataset=_init_dummy_dataset(), eval_dataset=_init_dummy_dataset(), precompute_ref_log_probs=True,
     )
     previous_trainable_params = _leaves(trainer.model.params)
+    assert trainer.is_encoder_decoder == (name == "t5")
 
     trainer.train()
 
@@ -151,9 +151,32 @@ def test_dpo_trainer_without_providing_ref_model(model_id, tokenizer, tmp_path):
     _assert_params_changed(previous_trainable_params, trainer.model)
 
 
-@pytest.mark.skip(reason=PEFT)
-def test_dpo_trainer_without_providing_ref_model_with_lora():
-    pass
+def _lora_config():
+    from rljax.models.peft import LoraConfig
+
+    return LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, bias="none", task_type="CAUSAL_LM")
+
+
+@pytest.mark.slow
+def test_dpo_trainer_without_providing_ref_model_with_lora(model_id, tokenizer, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(model_id)
+    trainer = DPOTrainer(
+        model=model, ref_model=None, beta=0.1, args=_args(tmp_path, gradient_accumulation_steps=4), tokenizer=tokenizer,
+        train_dataset=_init_dummy_dataset(), eval_dataset=_init_dummy_dataset(), peft_config=_lora_config(),
+        precompute_ref_log_probs=True,
+    )
+    previous_trainable_params = _leaves(trainer.model.params)
+
+    trainer.train()
+
+    assert trainer.state.log_history[-1]["train_loss"] is not None
+    # check the params have changed - ignore 0 biases
+    after = _leaves(trainer.model.params)
+    lora = {n: p for n, p in previous_trainable_params.items() if "lora" in n}
+    assert lora
+    for n, param in lora.items():
+        if param.sum() != 0:
+            assert not np.array_equal(param, after[n]), n
 
 
 PAD_TOKEN_REGEX = (
@@ -191,17 +214,21 @@ def test_dpo_lora_save():
     pass
 
 
-@pytest.mark.skip(reason=PEFT)
+@pytest.mark.skip(reason="AutoModelForCausalLM.from_pretrained(load_in_4bit=True) without adapters is refused "
+                         "(quantize under LoRA: AutoModelForCausalLMWithValueHead / trainers' peft_config), and "
+                         "generate_during_eval=True is refused (README)")
 def test_dpo_lora_bf16_autocast_llama():
     pass
 
 
-@pytest.mark.skip(reason=PEFT + " (TRL skips it too: needs a GPU with bf16)")
+@pytest.mark.skip(reason="TRL skips it too: needs a GPU with bf16 (and bitsandbytes' load_in_4bit)")
 def test_dpo_lora_bf16_autocast():
     pass
 
 
-@pytest.mark.skip(reason=PEFT)
+@pytest.mark.skip(reason="a PeftModel plus peft_config: TRL merges the adapter and adds a fresh one, rljax's "
+                         "DPOTrainer refuses the pair (rljax.trainers.base.apply_peft); and "
+                         "AutoModelForCausalLM.from_pretrained(<adapter dir>) is not supported yet")
 def test_dpo_lora_tags():
     pass
 

@@ -88,9 +88,37 @@ def test_reward_trainer(model, tokenizer, tmp_path):
     assert preds.predictions.shape == (4, 2)
 
 
-@pytest.mark.skip(reason="PEFT/LoRA adapters are a separate rljax issue (peft_config is refused with a clear error)")
-def test_reward_trainer_peft():
-    pass
+@pytest.mark.slow
+def test_reward_trainer_peft(model, tokenizer, tmp_path):
+    from rljax.models.peft import LoraConfig, TaskType
+
+    peft_config = LoraConfig(task_type=TaskType.SEQ_CLS, inference_mode=False, r=8, lora_alpha=32, lora_dropout=0.1)
+    training_args = RewardConfig(
+        output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=6, remove_unused_columns=False,
+        gradient_accumulation_steps=2, learning_rate=9e-1, evaluation_strategy="steps", disable_tqdm=True,
+    )
+    trainer = RewardTrainer(model=model, args=training_args, tokenizer=tokenizer, train_dataset=dummy_dataset(),
+                            eval_dataset=dummy_dataset(), peft_config=peft_config)
+    # PEFT >= 0.3 names the trained score head "modules_to_save"; rljax trains ``score`` in place.
+    trainable_params_name = ["lora", "score"]
+    params = leaves(trainer.model.params)
+    previous_trainable_params = {n: p for n, p in params.items() if any(t in n for t in trainable_params_name)}
+    previous_non_trainable_params = {n: p for n, p in params.items() if n not in previous_trainable_params}
+    assert previous_trainable_params and previous_non_trainable_params
+
+    trainer.train()
+
+    assert trainer.state.log_history[(-1)]["train_loss"] is not None
+    new_params = leaves(trainer.model.params)
+    # check the params have changed
+    for n, param in previous_trainable_params.items():
+        assert not np.allclose(param, new_params[n], atol=1e-12, rtol=1e-12), n
+    # check the non trainable params have not changed
+    for n, param in previous_non_trainable_params.items():
+        assert np.allclose(param, new_params[n], atol=1e-12, rtol=1e-12), n
+
+    preds = trainer.predict(dummy_dataset())
+    assert preds.predictions.shape == (4, 2)
 
 
 def test_reward_trainer_assert_value_error(model, tokenizer, tmp_path):

@@ -12,7 +12,9 @@ Other changes from TRL's file:
   exact width): rljax pads to bucketed widths, and the test reads the text after the last -100.
 * NEFTune: TRL checks its torch forward hook on the embedding module; rljax adds the noise in
   the loss function, so the test reads the embeddings through ``rljax.sft.input_embeddings``.
-* PEFT cases are skipped: PEFT/LoRA is not part of rljax's SFTTrainer yet.
+* PEFT cases use ``rljax.models.peft`` (``LoraConfig``, ``PeftModel``); TRL's NEFTune hook checks
+  become the ``input_embeddings`` reads above; test_peft_sft_trainer_gc is a parameter of
+  test_peft_sft_trainer.
 """
 import copy
 import os
@@ -29,7 +31,6 @@ from rljax.models.gpt2 import GPT2Config
 from rljax.sft import input_embeddings
 from rljax.trainers.sft import SFTTrainer
 
-PEFT_SKIP = "PEFT/LoRA is not supported by rljax's SFTTrainer (peft_config raises); another issue"
 # transformers 4.38's GPT2Tokenizer.default_chat_template, used by TRL 0.7.11's tests
 GPT2_DEFAULT_CHAT_TEMPLATE = "{% for message in messages %}{{ message.content }}{{ eos_token }}{% endfor %}"
 
@@ -378,29 +379,75 @@ def test_sft_trainer_with_model_neftune(ctx, tmp_path):
     np.testing.assert_array_equal(clean, input_embeddings(trainer.module, trainer.params, ids))
 
 
-@pytest.mark.skip(reason=PEFT_SKIP)
-def test_peft_sft_trainer_str():
-    pass
+def _lora_config():
+    from rljax.models.peft import LoraConfig
+
+    return LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, bias="none", task_type="CAUSAL_LM")
 
 
-@pytest.mark.skip(reason=PEFT_SKIP)
-def test_peft_sft_trainer():
-    pass
+def _check_adapter_checkpoint(trainer, tmp_dir):
+    assert trainer.state.log_history[(-1)]["train_loss"] is not None
+    assert trainer.state.log_history[0]["eval_loss"] is not None
+
+    assert "adapter_model.safetensors" in os.listdir(os.path.join(tmp_dir, "checkpoint-2"))
+    assert "adapter_config.json" in os.listdir(os.path.join(tmp_dir, "checkpoint-2"))
+    assert "model.safetensors" not in os.listdir(os.path.join(tmp_dir, "checkpoint-2"))
 
 
-@pytest.mark.skip(reason=PEFT_SKIP)
-def test_peft_sft_trainer_gc():
-    pass
+def test_peft_sft_trainer_str(ctx):
+    _ = SFTTrainer(model=ctx.model_id, args=None, train_dataset=ctx.train_dataset, eval_dataset=ctx.eval_dataset,
+                   peft_config=_lora_config(), packing=True)
 
 
-@pytest.mark.skip(reason=PEFT_SKIP)
-def test_peft_sft_trainer_neftune():
-    pass
+@pytest.mark.slow
+@pytest.mark.parametrize("gradient_checkpointing", [False, True], ids=["test_peft_sft_trainer", "test_peft_sft_trainer_gc"])
+def test_peft_sft_trainer(ctx, tmp_path, gradient_checkpointing):
+    from rljax.models.peft import PeftModel
+
+    training_args = args_(tmp_path, evaluation_strategy="steps", max_steps=4, eval_steps=2, save_steps=2,
+                          gradient_checkpointing=gradient_checkpointing)
+    trainer = SFTTrainer(model=ctx.model_id, args=training_args, train_dataset=ctx.train_dataset,
+                         eval_dataset=ctx.eval_dataset, peft_config=_lora_config(), packing=True)
+
+    assert isinstance(trainer.model, PeftModel)
+
+    trainer.train()
+
+    _check_adapter_checkpoint(trainer, tmp_path)
 
 
-@pytest.mark.skip(reason=PEFT_SKIP)
-def test_peft_sft_trainer_tag():
-    pass
+@pytest.mark.slow
+def test_peft_sft_trainer_neftune(ctx, tmp_path):
+    from rljax.models.peft import PeftModel
+
+    training_args = args_(tmp_path, evaluation_strategy="steps", max_steps=4, eval_steps=2, save_steps=2)
+    trainer = SFTTrainer(model=ctx.model_id, args=training_args, train_dataset=ctx.train_dataset,
+                         eval_dataset=ctx.eval_dataset, peft_config=_lora_config(), neftune_noise_alpha=5, packing=True)
+
+    assert isinstance(trainer.model, PeftModel)
+    ids = np.asarray([[1, 0, 1]])
+
+    def embeds(seed):  # what the training forward sees (TRL: the hooked embedding in train mode)
+        return input_embeddings(trainer.module, trainer.params, ids, neftune_noise_alpha=trainer.neftune_noise_alpha,
+                                rng=jax.random.PRNGKey(seed))
+
+    assert not np.allclose(embeds(42), embeds(24))
+
+    trainer.train()
+
+    _check_adapter_checkpoint(trainer, tmp_path)
+    # Make sure forward pass works fine, and without noise outside training
+    clean = input_embeddings(trainer.module, trainer.params, ids)
+    np.testing.assert_array_equal(clean, input_embeddings(trainer.module, trainer.params, ids))
+
+
+def test_peft_sft_trainer_tag(ctx, tmp_path):
+    training_args = args_(tmp_path, evaluation_strategy="steps", max_steps=4, eval_steps=2, save_steps=2,
+                          gradient_checkpointing=True)
+    trainer = SFTTrainer(model=ctx.model_id, args=training_args, train_dataset=ctx.train_dataset,
+                         eval_dataset=ctx.eval_dataset, peft_config=_lora_config(), packing=True)
+
+    assert trainer.model.model_tags == trainer._tag_names
 
 
 def test_sft_trainer_tag(ctx, tmp_path):

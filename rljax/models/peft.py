@@ -421,6 +421,13 @@ class LoraModel(nn.Module):
     def setup(self):
         nn.share_scope(self, self.base_module)
 
+    def clone(self, **updates: Any) -> "LoraModel":
+        """flax's ``clone``; a ``config=`` update (layer options, ``AutoModelForCausalLM``'s
+        config edits) goes to the wrapped model, which owns the config."""
+        if "config" in updates:
+            updates["base_module"] = self.base_module.clone(config=updates.pop("config"))
+        return super().clone(**updates)
+
     def __call__(self, *args, logits_window=None, **kwargs):
         if logits_window is not None:
             kwargs["logits_window"] = logits_window
