@@ -266,6 +266,7 @@ def test_a_step_whose_groups_all_have_equal_rewards_leaves_the_params_unchanged(
     assert int(new.step) == 1
 
 
+@pytest.mark.slow
 def test_make_train_learns_with_reuse_of_the_rollout_and_a_kl_term(tiny):
     """``num_iterations=2`` x ``steps_per_generation=2`` (old log-probs from the rollout), beta > 0,
     two weighted reward functions: the weighted reward rises, the KL stays finite and the
@@ -296,6 +297,7 @@ def test_make_train_learns_with_reuse_of_the_rollout_and_a_kl_term(tiny):
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_grpo_trainer_shell_runs_python_text_rewards_and_logs_trls_keys(tiny_tokenizer, tmp_path):
     from rljax.trainers.grpo import GRPOConfig, GRPOTrainer
 

@@ -5,9 +5,12 @@ import json
 import os
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_grpo_arithmetic_fast_run_learns_with_all_three_algorithms(tmp_path):
     sys.path.insert(0, os.path.join(ROOT, "experiments"))
     try:

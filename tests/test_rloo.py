@@ -191,6 +191,7 @@ def test_equal_scores_and_no_kl_leave_the_params_unchanged(tiny):
     np.testing.assert_allclose(stats["val/ratio"], 1.0, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_make_train_learns_a_token_counting_reward(tiny):
     s = RLOOSettings(rloo_k=4, batch_size=16, kl_coef=0.05, num_ppo_epochs=2, num_mini_batches=2)
     tx = optax.adam(3e-2)
@@ -208,6 +209,7 @@ def test_make_train_learns_a_token_counting_reward(tiny):
     assert int(final.step) == 10
 
 
+@pytest.mark.slow
 def test_rloo_trainer_shell_runs_python_text_rewards_and_logs_trls_keys(tiny_tokenizer, tmp_path):
     from rljax.trainers.rloo import RLOOConfig, RLOOTrainer
 
