@@ -480,6 +480,8 @@ def make_train(
     return train
 
 
+make_grpo_train = make_train  # the name rljax exports at top level (rljax.make_grpo_train)
+
 __all__ = [
     "GRPOBatch",
     "GRPOSettings",
@@ -491,5 +493,6 @@ __all__ = [
     "make_grpo_rollout",
     "make_grpo_step",
     "make_train",
+    "make_grpo_train",
     "sample_prompt_indices",
 ]

@@ -336,6 +336,8 @@ def make_train(
     return train
 
 
+make_rloo_train = make_train  # the name rljax exports at top level (rljax.make_rloo_train)
+
 __all__ = [
     "RLOOBatch",
     "RLOOSettings",
@@ -343,6 +345,7 @@ __all__ = [
     "make_rloo_rollout",
     "make_rloo_step",
     "make_train",
+    "make_rloo_train",
     "rloo_advantages",
     "rloo_loss",
 ]
