@@ -17,11 +17,14 @@ _LAZY = {
     "AutoModelForCausalLMWithValueHead": "rljax.models.auto",
     "AutoModelForCausalLM": "rljax.models.auto",
     "AutoModelForSequenceClassification": "rljax.models.auto",
+    "AutoModelForSeq2SeqLM": "rljax.models.auto",
+    "AutoModelForSeq2SeqLMWithValueHead": "rljax.models.auto",
     "respond_to_batch": "rljax.generation",
     "LengthSampler": "rljax.core",
     "TextEnvironment": "rljax.environment",
     "TextHistory": "rljax.environment",
     "setup_chat_format": "rljax.models.chat",
+    "DefaultDDPOStableDiffusionPipeline": "rljax.diffusion.sd_pipeline",
 }
 _LAZY.pop("Trainer")  # the base loop stays at rljax.trainers.Trainer (trl exports no Trainer)
 

@@ -152,7 +152,7 @@ def test_help_lists_fields_with_defaults_and_docs(tmp_path, capsys, monkeypatch)
 
 def test_python_dash_m_rljax_prints_usage():
     r = subprocess.run([sys.executable, "-m", "rljax"], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and "rljax {sft,reward,ppo,dpo}" in r.stdout
+    assert r.returncode == 0 and "rljax {sft,reward,ppo,dpo,grpo,rloo}" in r.stdout
 
 
 def test_dataset_loading_from_files_and_directories(tmp_path, assets):
