@@ -327,7 +327,7 @@ def test_ppo_step_scored_by_a_reward_adapter_on_the_same_base(lm, base_dir, rewa
 
 
 @pytest.mark.slow
-def test_qlora_ppo_step_trains_adapters_and_value_head_over_an_int8_base(base_dir, tiny_tokenizer):
+def test_qlora_ppo_step_trains_adapters_and_value_head_over_an_int8_base(base_dir, tiny_tokenizer, tmp_path):
     """from_pretrained(..., peft_config=, load_in_8bit=True): the base's linear kernels are int8
     (QuantizedArray); a PPO step (make_ppo_step(..., trainable=)) differentiates and updates only
     the adapters and the value head, keeps Adam state only for them, and leaves every base byte
@@ -361,3 +361,11 @@ def test_qlora_ppo_step_trains_adapters_and_value_head_over_an_int8_base(base_di
     assert any("lora_B" in k for k in moved) and any("v_head" in k for k in moved)
     assert param_bytes([x for x, m in zip(jax.tree_util.tree_leaves(after), jax.tree_util.tree_leaves(mask))
                         if not m]) == frozen_bytes
+    # TRL's save of a PEFT policy: adapter files + the value head; reloading onto the int8 base restores it all.
+    trainer.save_pretrained(str(tmp_path / "saved"))
+    again = AutoModelForCausalLMWithValueHead.from_pretrained(str(tmp_path / "saved"), load_in_8bit=True,
+                                                              is_trainable=True)
+    reloaded = {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(again.params)[0]}
+    assert set(reloaded) == {jax.tree_util.keystr(p) for p, _ in leaves}
+    for p, x in leaves:
+        np.testing.assert_array_equal(reloaded[jax.tree_util.keystr(p)], np.asarray(x))

@@ -57,12 +57,14 @@ _NO_EFFECT_KWARGS = ("low_cpu_mem_usage", "use_cache", "use_safetensors")
 _OFF_ONLY_KWARGS = {"device_map": None, "quantization_config": None, "load_in_8bit": False, "load_in_4bit": False,
                     "peft_config": None, "reward_adapter": None, "is_trainable": False, "cache_dir": None,
                     "token": None, "attn_implementation": None}
+_QUANT_HINT = ("this loader keeps float weights; a quantized base trains only under LoRA: "
+               "AutoModelForCausalLMWithValueHead.from_pretrained(..., peft_config=..., load_in_8bit=True)")
+_PEFT_HINT = ("this loader takes no adapters: rljax.models.peft.get_peft_model(model, config), or "
+              "AutoModelForCausalLMWithValueHead.from_pretrained(..., peft_config=...)")
 _OFF_HINTS = {
     "device_map": "rljax places params with rljax.sharding (pass mesh= to a trainer)",
-    "quantization_config": "quantized loading is not supported", "load_in_8bit": "quantized loading is not supported",
-    "load_in_4bit": "quantized loading is not supported",
-    "peft_config": "LoRA/PEFT is not supported by this loader", "reward_adapter": "LoRA/PEFT is not supported",
-    "is_trainable": "LoRA/PEFT is not supported",
+    "quantization_config": _QUANT_HINT, "load_in_8bit": _QUANT_HINT, "load_in_4bit": _QUANT_HINT,
+    "peft_config": _PEFT_HINT, "reward_adapter": _PEFT_HINT, "is_trainable": _PEFT_HINT,
     "cache_dir": "hub downloads use huggingface_hub's default cache", "token": "log in with `huggingface-cli login`",
 }
 

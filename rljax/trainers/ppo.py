@@ -829,9 +829,16 @@ class PPOTrainer:
         return self._logger
 
     def save_pretrained(self, path: str, *, overwrite: bool = False) -> None:
-        """Save the policy (with value head) in HF format."""
+        """Save the policy (with value head) in HF format; a PEFT policy saves as TRL's does: the
+        adapter in PEFT's files plus the value head (``model.safetensors``)."""
         from rljax.models.heads import save_value_head_model
 
+        if self.config.is_peft_model:
+            from rljax.models.peft import LoraConfig, PeftModel
+
+            lora = getattr(self.model, "lora_config", None) or LoraConfig()
+            PeftModel(self.module, self.state.params, lora, base_model=self.model).save_pretrained(path)
+            return
         save_value_head_model(self.module, self.state.params, path, overwrite=overwrite)
 
 
