@@ -7,15 +7,25 @@
   arrive in the batch (``reference_chosen_logps`` / ``reference_rejected_logps``, ``[B]``),
   so reference params are never closed over.
 * :func:`make_reference_logps_fn`: the jitted ``(ref_params, batch) -> (chosen, rejected)``.
-* Batch: ``chosen_{input_ids,attention_mask,labels}`` and ``rejected_*`` (``[B, L]`` int32).
+* Batch (decoder-only): ``chosen_{input_ids,attention_mask,labels}`` and ``rejected_*``
+  (``[B, L]`` int32). Encoder-decoder models (T5; TRL's ``is_encoder_decoder`` path):
+  ``prompt_input_ids`` / ``prompt_attention_mask`` ``[B, P]`` (the encoder input, any
+  padding) and ``chosen_labels`` / ``rejected_labels`` ``[B, T]`` (the decoder targets,
+  right-padded with ``label_pad_token_id``); the decoder reads the labels shifted right
+  behind ``decoder_start_token_id`` (HF's ``prepare_decoder_input_ids_from_labels``) and
+  the log-probs are NOT shifted (:func:`seq2seq_batch_logps`).
+  The encoder runs once per prompt (TRL runs it on the prompt repeated for both answers:
+  the same numbers).
 """
 from __future__ import annotations
 
 from typing import Any, Callable, Dict, Optional, Tuple
 
+import chex
 import jax
 import jax.numpy as jnp
 
+from rljax.core import logprobs_from_logits
 from rljax.losses import DPO_LOSS_TYPES, dpo_loss, get_batch_logps
 from rljax.sharding import (
     batch_sharding,
@@ -28,6 +38,86 @@ from rljax.sharding import (
 
 #: The six batch keys of a DPO pair batch (chosen_* then rejected_*).
 _PAIR_KEYS = tuple(f"{side}_{k}" for side in ("chosen", "rejected") for k in ("input_ids", "attention_mask", "labels"))
+#: The four batch keys of an encoder-decoder pair batch.
+_SEQ2SEQ_KEYS = ("prompt_input_ids", "prompt_attention_mask", "chosen_labels", "rejected_labels")
+
+
+def is_encoder_decoder(module: Any) -> bool:
+    """True for an encoder-decoder model (T5, its value-head or LoRA wrappers)."""
+    return bool(getattr(module, "is_encoder_decoder", False))
+
+
+def pair_keys(module: Any) -> Tuple[str, ...]:
+    """The batch keys the DPO forward of ``module`` reads (decoder-only or encoder-decoder)."""
+    return _SEQ2SEQ_KEYS if is_encoder_decoder(module) else _PAIR_KEYS
+
+
+def seq2seq_batch_logps(
+    logits: jax.Array,
+    labels: jax.Array,
+    average_log_prob: bool = False,
+    label_pad_token_id: int = -100,
+) -> jax.Array:
+    """TRL's ``get_batch_logps(..., is_encoder_decoder=True)``: ``[B]`` summed
+    (``average_log_prob``: averaged) log-probs of ``labels [B, T]`` (``label_pad_token_id`` = not
+    counted) under ``logits [B, T, V]``, WITHOUT the shift of :func:`get_batch_logps`:
+    ``logits[:, t]`` scores ``labels[:, t]`` (the decoder read the labels shifted right)."""
+    logits, labels = jnp.asarray(logits), jnp.asarray(labels)
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(f"Logits (batch and sequence length dim) {logits.shape[:-1]} and labels {labels.shape} "
+                         "must have the same shape.")
+    mask = labels != label_pad_token_id
+    per_token = logprobs_from_logits(logits, jnp.where(mask, labels, 0))
+    total = jnp.sum(jnp.where(mask, per_token, 0.0), axis=-1)
+    if average_log_prob:
+        return total / jnp.sum(mask, axis=-1)
+    return total
+
+
+def decoder_inputs_from_labels(labels: jax.Array, config: Any, label_pad_token_id: int = -100) -> jax.Array:
+    """HF's ``prepare_decoder_input_ids_from_labels`` (T5's ``_shift_right``): ``labels [B, T]``
+    shifted right behind ``config.decoder_start_token_id``, ``label_pad_token_id`` -> the pad id."""
+    start, pad = config.decoder_start_token_id, config.pad_token_id
+    if start is None or pad is None:
+        raise ValueError("The encoder-decoder config needs decoder_start_token_id and pad_token_id (T5: 0 and 0) "
+                         f"to build decoder inputs from labels; got {start} and {pad}.")
+    shifted = jnp.concatenate([jnp.full_like(labels[:, :1], start), labels[:, :-1]], axis=1)
+    return jnp.where(shifted == label_pad_token_id, pad, shifted).astype(jnp.int32)
+
+
+def seq2seq_concatenated_forward(
+    module: Any,
+    params: Any,
+    batch: Dict[str, jax.Array],
+    *,
+    average_log_prob: bool = False,
+    label_pad_token_id: int = -100,
+    rng: Optional[jax.Array] = None,
+) -> Tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """TRL's ``concatenated_forward`` for an encoder-decoder ``module`` (see the module
+    docstring for the batch). The encoder runs once on the ``B`` prompts; the decoder runs
+    on the chosen, then the rejected labels (shifted right), both against that encoder
+    output. No decoder attention mask, as TRL (the decoder is causal and labels are
+    right-padded, so pads never reach a counted position). Returns ``(chosen_logps [B],
+    rejected_logps [B], chosen_logits [B, T, V], rejected_logits [B, T, V])``."""
+    prompt, prompt_mask = constrain_batch((batch["prompt_input_ids"], batch["prompt_attention_mask"]))
+    chosen, rejected = constrain_batch((batch["chosen_labels"], batch["rejected_labels"]))
+    chex.assert_rank([prompt, prompt_mask, chosen, rejected], 2)
+    chex.assert_equal_shape([prompt, prompt_mask])
+    chex.assert_equal_shape([chosen, rejected])
+    cfg = module.config
+    det = rng is None
+
+    def call(rngs_key, **kwargs):
+        extra = {} if rngs_key is None else {"rngs": {"dropout": rngs_key}}
+        return module.apply({"params": params}, attention_mask=prompt_mask, deterministic=det, **kwargs, **extra)
+
+    out_c = call(rng, input_ids=prompt, decoder_input_ids=decoder_inputs_from_labels(chosen, cfg, label_pad_token_id))
+    out_r = call(None if det else jax.random.fold_in(rng, 1), encoder_hidden_states=out_c.encoder_hidden_states,
+                 decoder_input_ids=decoder_inputs_from_labels(rejected, cfg, label_pad_token_id))
+    kw = {"average_log_prob": average_log_prob, "label_pad_token_id": label_pad_token_id}
+    return (seq2seq_batch_logps(out_c.logits, chosen, **kw), seq2seq_batch_logps(out_r.logits, rejected, **kw),
+            out_c.logits, out_r.logits)
 
 
 def concatenated_forward(
@@ -43,8 +133,13 @@ def concatenated_forward(
 
     ``batch``: ``chosen_*`` / ``rejected_*`` ``input_ids``, ``attention_mask``, ``labels``,
     each ``[B, L]``, right-padded (as TRL's collator pads them). ``rng`` None: deterministic (no dropout). Returns ``(chosen_logps [B],
-    rejected_logps [B], logits [2B, L, V])``.
+    rejected_logps [B], logits [2B, L, V])``. An encoder-decoder ``module`` reads the
+    encoder-decoder batch instead (:func:`seq2seq_concatenated_forward`; logits ``[2B, T, V]``).
     """
+    if is_encoder_decoder(module):
+        pc, pr, lc, lr = seq2seq_concatenated_forward(
+            module, params, batch, average_log_prob=average_log_prob, label_pad_token_id=label_pad_token_id, rng=rng)
+        return pc, pr, jnp.concatenate([lc, lr], axis=0)
     ids = jnp.concatenate([batch["chosen_input_ids"], batch["rejected_input_ids"]], axis=0)
     mask = jnp.concatenate([batch["chosen_attention_mask"], batch["rejected_attention_mask"]], axis=0)
     labels = jnp.concatenate([batch["chosen_labels"], batch["rejected_labels"]], axis=0)
@@ -59,10 +154,18 @@ def concatenated_forward(
     return logps[:n], logps[n:], out.logits
 
 
-def _trl_logits_mean(logits: jax.Array, mask: jax.Array) -> jax.Array:
-    """Mean of ``logits [B, L, V]`` over the first ``T`` positions, ``T`` = the longest row
-    of the whole (chosen + rejected) batch: the width TRL's dynamic padding gives."""
-    width = jnp.max(jnp.sum(mask, axis=-1))
+def _trl_width(batch: Dict[str, jax.Array], encoder_decoder: bool, label_pad_token_id: int) -> jax.Array:
+    """The width TRL's dynamic padding gives the logits: the longest row of the whole
+    (chosen + rejected) batch, counted in tokens (decoder-only) or in labels (encoder-decoder)."""
+    if encoder_decoder:
+        rows = [batch["chosen_labels"] != label_pad_token_id, batch["rejected_labels"] != label_pad_token_id]
+    else:
+        rows = [batch["chosen_attention_mask"], batch["rejected_attention_mask"]]
+    return jnp.maximum(*(jnp.max(jnp.sum(r.astype(jnp.int32), axis=-1)) for r in rows))
+
+
+def _trl_logits_mean(logits: jax.Array, width: jax.Array) -> jax.Array:
+    """Mean of ``logits [B, L, V]`` over the first ``width`` positions (see ``_trl_width``)."""
     keep = (jnp.arange(logits.shape[1]) < width).astype(logits.dtype)
     total = jnp.sum(jnp.sum(logits, axis=-1) * keep[None, :])
     return total / (logits.shape[0] * width * logits.shape[2])
@@ -84,19 +187,22 @@ def make_dpo_loss(
     if loss_type not in DPO_LOSS_TYPES:
         raise ValueError(f"Unknown loss_type {loss_type!r}; choose one of {list(DPO_LOSS_TYPES)}.")
 
+    encoder_decoder = is_encoder_decoder(module)
+
     def loss_fn(params, batch, rng):
-        pc, pr, logits = concatenated_forward(
-            module, params, batch, average_log_prob=loss_type == "ipo", label_pad_token_id=label_pad_token_id,
-            rng=None if disable_dropout else rng,
-        )
+        kw = dict(average_log_prob=loss_type == "ipo", label_pad_token_id=label_pad_token_id,
+                  rng=None if disable_dropout else rng)
+        if encoder_decoder:
+            pc, pr, chosen_logits, rejected_logits = seq2seq_concatenated_forward(module, params, batch, **kw)
+        else:
+            pc, pr, logits = concatenated_forward(module, params, batch, **kw)
+            chosen_logits, rejected_logits = logits[: pc.shape[0]], logits[pc.shape[0]:]
         losses, chosen_rewards, rejected_rewards = dpo_loss(
             pc, pr, batch["reference_chosen_logps"], batch["reference_rejected_logps"],
             beta=beta, label_smoothing=label_smoothing if loss_type == "sigmoid" else 0.0,  # others ignore it
             loss_type=loss_type, reference_free=reference_free,
         )
-        n = pc.shape[0]
-        logits = jax.lax.stop_gradient(logits)
-        mask = jnp.concatenate([batch["chosen_attention_mask"], batch["rejected_attention_mask"]], axis=0)
+        width = _trl_width(batch, encoder_decoder, label_pad_token_id)
         metrics = {
             "rewards/chosen": jnp.mean(chosen_rewards),
             "rewards/rejected": jnp.mean(rejected_rewards),
@@ -104,8 +210,8 @@ def make_dpo_loss(
             "rewards/margins": jnp.mean(chosen_rewards - rejected_rewards),
             "logps/rejected": jax.lax.stop_gradient(jnp.mean(pr)),
             "logps/chosen": jax.lax.stop_gradient(jnp.mean(pc)),
-            "logits/rejected": _trl_logits_mean(logits[n:], mask),
-            "logits/chosen": _trl_logits_mean(logits[:n], mask),
+            "logits/rejected": _trl_logits_mean(jax.lax.stop_gradient(rejected_logits), width),
+            "logits/chosen": _trl_logits_mean(jax.lax.stop_gradient(chosen_logits), width),
         }
         return jnp.mean(losses), metrics
 
@@ -125,9 +231,11 @@ def make_reference_logps_fn(
     once per params structure and batch shape.
     """
 
+    keys = pair_keys(module)
+
     def reference_logps(ref_params, batch):
         rc, rr, _ = concatenated_forward(
-            module, ref_params, {k: batch[k] for k in _PAIR_KEYS},
+            module, ref_params, {k: batch[k] for k in keys},
             average_log_prob=average_log_prob, label_pad_token_id=label_pad_token_id,
         )
         return jax.lax.stop_gradient(rc), jax.lax.stop_gradient(rr)
@@ -137,7 +245,7 @@ def make_reference_logps_fn(
     compiled: Dict[Any, Callable] = {}
 
     def jitted(ref_params, batch) -> Callable:
-        rows = int(jnp.shape(batch["chosen_input_ids"])[0])
+        rows = int(jnp.shape(batch[keys[-1]])[0])
         leaves, treedef = jax.tree_util.tree_flatten(ref_params)
         key = (treedef, tuple(jnp.shape(x) for x in leaves), rows % batch_size_divisor(mesh) == 0)
         if key not in compiled:
@@ -148,11 +256,11 @@ def make_reference_logps_fn(
         return compiled[key]
 
     def on_mesh(ref_params, batch):
-        batch = {k: batch[k] for k in _PAIR_KEYS}
+        batch = {k: batch[k] for k in keys}
         return jitted(ref_params, batch)(ref_params, batch)
 
     def lower(ref_params, batch):
-        batch = {k: batch[k] for k in _PAIR_KEYS}
+        batch = {k: batch[k] for k in keys}
         return jitted(ref_params, batch).lower(ref_params, batch)
 
     on_mesh.lower = lower  # .lower(ref_params, batch).compile(): the program one call runs

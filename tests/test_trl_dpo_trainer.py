@@ -2,8 +2,10 @@
 with tiny local models (a 2-layer GPT-2 and a 2-layer Llama saved in tmp dirs) instead of
 ``trl-internal-testing/dummy-GPT2-correct-vocab`` / ``HuggingFaceM4/tiny-random-LlamaForCausalLM``.
 
-Seq2seq (T5) and PEFT/LoRA/bitsandbytes cases belong to other rljax issues and are skipped with
-that reason. ``generate_during_eval=True`` is refused whether or not wandb is installed (README,
+The T5 cases run on a tiny random rljax T5 (``AutoModelForSeq2SeqLM``, vocabulary of the session
+tokenizer, which here appends eos like T5's) instead of
+``trl-internal-testing/tiny-T5ForConditionalGeneration-correct-vocab``. PEFT/LoRA/bitsandbytes cases
+belong to other rljax issues and are skipped with that reason. ``generate_during_eval=True`` is refused whether or not wandb is installed (README,
 "Deliberate differences"). Parameters are compared as pytrees (no ``named_parameters``).
 """
 import copy
@@ -20,7 +22,6 @@ from rljax.models.llama import LlamaConfig
 from rljax.trainers.base import TrainingArguments
 from rljax.trainers.dpo import DPOTrainer
 
-SEQ2SEQ = "seq2seq (T5) models are a separate rljax issue"
 
 
 def _save_tiny(cfg, tmp_path_factory, name):
@@ -43,6 +44,13 @@ def llama_id(tiny_tokenizer, tmp_path_factory):
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                       bos_token_id=tiny_tokenizer.bos_token_id, eos_token_id=tiny_tokenizer.eos_token_id)
     return _save_tiny(cfg, tmp_path_factory, "tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def t5_tokenizer(tiny_tokenizer):
+    from _t5_fixtures import t5_like_tokenizer
+
+    return t5_like_tokenizer(tiny_tokenizer)
 
 
 @pytest.fixture()
@@ -114,21 +122,28 @@ def _assert_params_changed(before, model):
     "name, loss_type, pre_compute",
     [
         ("gpt2", "sigmoid", True),
-        pytest.param("t5", "hinge", False, marks=pytest.mark.skip(reason=SEQ2SEQ)),
+        pytest.param("t5", "hinge", False, marks=pytest.mark.slow),
         ("gpt2", "ipo", False),
-        pytest.param("t5", "ipo", True, marks=pytest.mark.skip(reason=SEQ2SEQ)),
+        pytest.param("t5", "ipo", True, marks=pytest.mark.slow),
         ("gpt2", "kto_pair", True),
-        pytest.param("t5", "kto_pair", False, marks=pytest.mark.skip(reason=SEQ2SEQ)),
+        pytest.param("t5", "kto_pair", False, marks=pytest.mark.slow),
     ],
 )
-def test_dpo_trainer(model_id, tokenizer, tmp_path, name, loss_type, pre_compute):
-    model = AutoModelForCausalLM.from_pretrained(model_id)
-    ref_model = AutoModelForCausalLM.from_pretrained(model_id)
+def test_dpo_trainer(model_id, tokenizer, t5_tokenizer, tmp_path, name, loss_type, pre_compute):
+    if name == "gpt2":
+        model = AutoModelForCausalLM.from_pretrained(model_id)
+        ref_model = AutoModelForCausalLM.from_pretrained(model_id)
+    else:
+        from _t5_fixtures import tiny_t5
+
+        model, ref_model = tiny_t5(len(t5_tokenizer)), tiny_t5(len(t5_tokenizer))
+        tokenizer = t5_tokenizer
     trainer = DPOTrainer(
         model=model, ref_model=ref_model, beta=0.1, loss_type=loss_type, args=_args(tmp_path), tokenizer=tokenizer,
         train_dataset=_init_dummy_dataset(), eval_dataset=_init_dummy_dataset(), precompute_ref_log_probs=pre_compute,
     )
     previous_trainable_params = _leaves(trainer.model.params)
+    assert trainer.is_encoder_decoder == (name == "t5")
 
     trainer.train()
 
@@ -143,7 +158,6 @@ def test_dpo_trainer_without_providing_ref_model(model_id, tokenizer, tmp_path):
         train_dataset=_init_dummy_dataset(), eval_dataset=_init_dummy_dataset(), precompute_ref_log_probs=True,
     )
     previous_trainable_params = _leaves(trainer.model.params)
-    assert trainer.is_encoder_decoder == (name == "t5")
 
     trainer.train()
 
@@ -209,7 +223,9 @@ def test_dpo_trainer_generate_during_eval_no_wandb(model_id, tokenizer, tmp_path
         )
 
 
-@pytest.mark.skip(reason=PEFT)
+@pytest.mark.skip(reason="a PeftModel plus peft_config: TRL merges the adapter and adds a fresh one, rljax's "
+                         "DPOTrainer refuses the pair (rljax.trainers.base.apply_peft); and "
+                         "AutoModelForCausalLM.from_pretrained(<adapter dir>) is not supported yet")
 def test_dpo_lora_save():
     pass
 
@@ -226,11 +242,13 @@ def test_dpo_lora_bf16_autocast():
     pass
 
 
-@pytest.mark.skip(reason="a PeftModel plus peft_config: TRL merges the adapter and adds a fresh one, rljax's "
-                         "DPOTrainer refuses the pair (rljax.trainers.base.apply_peft); and "
-                         "AutoModelForCausalLM.from_pretrained(<adapter dir>) is not supported yet")
-def test_dpo_lora_tags():
-    pass
+def test_dpo_lora_tags(llama_id, tokenizer, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(llama_id)
+    trainer = DPOTrainer(
+        model=model, ref_model=None, beta=0.1, args=_args(tmp_path, gradient_accumulation_steps=4), tokenizer=tokenizer,
+        train_dataset=_init_dummy_dataset(), eval_dataset=_init_dummy_dataset(), peft_config=_lora_config(),
+    )
+    assert trainer.model.model_tags == trainer._tag_names
 
 
 def test_dpo_tags(llama_id, tokenizer, tmp_path):
@@ -241,3 +259,30 @@ def test_dpo_tags(llama_id, tokenizer, tmp_path):
         train_dataset=_init_dummy_dataset(), eval_dataset=_init_dummy_dataset(),
     )
     assert trainer.model.model_tags == trainer._tag_names
+
+
+# rljax additions: the encoder-decoder tokenization and errors
+
+def test_t5_tokenize_row_follows_trl_encoder_decoder_path(t5_tokenizer, tmp_path):
+    from _t5_fixtures import tiny_t5
+
+    model = tiny_t5(len(t5_tokenizer))
+    with pytest.warns(UserWarning, match="max_target_length"):
+        trainer = DPOTrainer(model=model, ref_model=None, args=_args(tmp_path), tokenizer=t5_tokenizer,
+                             max_length=64, max_prompt_length=4)
+    assert trainer.args.max_target_length == 128
+    row = {"prompt": "What is your name?", "chosen": "My name is Mary", "rejected": "Whats it to you?"}
+    toks = trainer.tokenize_row(row)
+    eos = t5_tokenizer.eos_token_id
+    assert toks["prompt_input_ids"] == t5_tokenizer(row["prompt"], truncation=True, max_length=4)["input_ids"]
+    assert len(toks["prompt_input_ids"]) == 4 and toks["prompt_input_ids"][-1] == eos  # cut, eos kept (as HF)
+    assert toks["chosen_labels"] == t5_tokenizer(row["chosen"])["input_ids"] and toks["chosen_labels"][-1] == eos
+    assert "chosen_input_ids" not in toks
+    with_model = trainer.tokenize_row(row, model=model)  # TRL adds decoder inputs when given the model
+    assert with_model["chosen_decoder_input_ids"] == [0] + toks["chosen_labels"][:-1]
+    batch = trainer.collate([toks, trainer.tokenize_row(dict(row, chosen="Mary"))])
+    assert batch["chosen_labels"].shape == batch["rejected_labels"].shape
+    assert (batch["prompt_attention_mask"][:, 0] == 1).all()  # right-padded, as TRL's collator
+    with pytest.raises(ValueError, match="is_encoder_decoder=False contradicts"):
+        DPOTrainer(model=model, ref_model=None, args=_args(tmp_path), tokenizer=t5_tokenizer, is_encoder_decoder=False,
+                   max_length=64, max_prompt_length=4, max_target_length=8)

@@ -3,7 +3,9 @@
 Changes from TRL's file: imports; a tiny local GPT-2 (2 layers, 32 wide; vocabulary 5304 so
 TRL's GPT-2 token ids 5303, 3621, ... are valid) and the session tokenizer instead of hub
 models; "every parameter got a gradient" is checked as "every parameter leaf changed" (JAX
-keeps no .grad). The T5 cases are skipped: rljax has no encoder-decoder family.
+keeps no .grad). The T5 cases run on a tiny random rljax T5 (vocabulary 5304 as well) with the
+session tokenizer made T5-like (eos appended) instead of
+``trl-internal-testing/tiny-T5ForConditionalGeneration-correct-vocab``.
 """
 import copy
 
@@ -26,6 +28,13 @@ def gpt2(tiny_tokenizer):
     tokenizer = copy.deepcopy(tiny_tokenizer)
     tokenizer.pad_token = tokenizer.eos_token  # as TRL's test
     return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def t5(tiny_tokenizer):
+    from _t5_fixtures import t5_like_tokenizer, tiny_t5
+
+    return tiny_t5(5304), t5_like_tokenizer(tiny_tokenizer)
 
 
 def _init_tensor_dummy_dataset():
@@ -53,9 +62,7 @@ def _init_textual_dummy_dataset():
 @pytest.mark.parametrize(
     "model_name,input_name", [("gpt2", "tensor"), ("gpt2", "text"), ("t5", "tensor"), ("t5", "text")]
 )
-def test_iterative_step_from_tensor(model_name, input_name, gpt2, tmp_path):
-    if model_name == "t5":
-        pytest.skip("rljax has no encoder-decoder (T5) model family")
+def test_iterative_step_from_tensor(model_name, input_name, gpt2, t5, tmp_path):
     if input_name == "tensor":
         dummy_dataset = _init_tensor_dummy_dataset()
         inputs = {
@@ -66,7 +73,7 @@ def test_iterative_step_from_tensor(model_name, input_name, gpt2, tmp_path):
     else:
         dummy_dataset = _init_textual_dummy_dataset()
         inputs = {"texts": dummy_dataset["texts"], "texts_labels": dummy_dataset["texts_labels"]}
-    model, tokenizer = gpt2
+    model, tokenizer = gpt2 if model_name == "gpt2" else t5
     before = jax.tree_util.tree_map(np.asarray, model.params)
 
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=2)

@@ -22,8 +22,14 @@ Differences from TRL 0.7.11 (deliberate):
 * ``generate_during_eval=True`` raises a ``ValueError``: TRL uses it only to log sample
   generations to Weights & Biases, which rljax does not do (sample with
   :func:`rljax.generation.generate` on ``trainer.params`` instead).
-* Decoder-only models only. ``peft_config=`` trains LoRA adapters (``rljax.models.peft``); without a
-  ``ref_model`` the reference is the policy with its adapters disabled (TRL's ``null_ref_context``).
+* ``peft_config=`` trains LoRA adapters (``rljax.models.peft``); without a ``ref_model`` the
+  reference is the policy with its adapters disabled (TRL's ``null_ref_context``).
+* Encoder-decoder models (T5, ``rljax.models.AutoModelForSeq2SeqLM``) follow TRL's
+  ``is_encoder_decoder`` path (see :mod:`rljax.dpo`): the prompt is the encoder input
+  (tokenized with special tokens, cut to ``max_prompt_length``), chosen / rejected are the
+  decoder labels (with special tokens, cut to ``max_target_length``), right-padded.
+  ``is_encoder_decoder=`` is read from the model; a value that contradicts it raises.
+  The encoder runs once per prompt (TRL runs it twice, on the prompt repeated; same numbers).
 * A tokenizer without a pad token (and no ``padding_value``) fails when the trainer is
   built, with TRL's message (TRL raises it at the first collation, inside ``train()``).
 """
@@ -38,8 +44,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from rljax import data as D
-from rljax.dpo import _PAIR_KEYS, concatenated_forward, make_dpo_loss, make_reference_logps_fn
-from rljax.losses import DPO_LOSS_TYPES, dpo_loss, get_batch_logps
+from rljax.dpo import (
+    _PAIR_KEYS,
+    _SEQ2SEQ_KEYS,
+    concatenated_forward,
+    get_batch_logps,
+    make_dpo_loss,
+    make_reference_logps_fn,
+    seq2seq_batch_logps,
+    seq2seq_concatenated_forward,
+)
+from rljax.losses import DPO_LOSS_TYPES, dpo_loss
 from rljax.trainers.base import (
     Trainer,
     TrainingArguments,
@@ -72,7 +87,7 @@ class DPOConfig(TrainingArguments):
     truncation_mode: str = "keep_end"  # "keep_end" | "keep_start"
     max_length: Optional[int] = None
     max_prompt_length: Optional[int] = None
-    max_target_length: Optional[int] = None  # encoder-decoder only in TRL; unused (decoder-only)
+    max_target_length: Optional[int] = None  # encoder-decoder only: labels cut to this (None: 128, warned)
     disable_dropout: bool = True
     generate_during_eval: bool = False
     precompute_ref_log_probs: bool = False
@@ -99,18 +114,103 @@ _PAD_TOKEN_MESSAGE = (
 )
 
 
+def _is_seq2seq_checkpoint(path: str) -> bool:
+    """Whether the checkpoint at ``path`` is an encoder-decoder (its config.json says so)."""
+    from rljax.models.hub import read_checkpoint
+
+    try:
+        _, cfg = read_checkpoint(path)
+    except Exception:  # noqa: BLE001 - let the loader raise its own, clearer error
+        return False
+    return bool(cfg.get("is_encoder_decoder")) or cfg.get("model_type") in ("t5", "mt5")
+
+
 def _load_causal_lm(path: str, init_kwargs: Optional[dict], which: str):
     """A model id/path -> an ``rljax.models.AutoModelForCausalLM`` object (TRL: AutoModelForCausalLM
-    .from_pretrained(path, **init_kwargs)); ``(module, params)`` when that class is unavailable."""
-    warnings.warn(
-        f"You passed a {which} id to the DPOTrainer. This will automatically create an `AutoModelForCausalLM` for you.",
-        UserWarning,
-    )
+    .from_pretrained(path, **init_kwargs)), or an ``AutoModelForSeq2SeqLM`` for an encoder-decoder
+    checkpoint (TRL would fail there); ``(module, params)`` when those classes are unavailable."""
+    seq2seq = _is_seq2seq_checkpoint(path)
+    cls_name = "AutoModelForSeq2SeqLM" if seq2seq else "AutoModelForCausalLM"
+    warnings.warn(f"You passed a {which} id to the DPOTrainer. This will automatically create an `{cls_name}` for you.",
+                  UserWarning)
     try:
-        from rljax.models import AutoModelForCausalLM
+        from rljax.models import auto
     except ImportError:
         return resolve_model(path, model_init_kwargs=init_kwargs)
-    return AutoModelForCausalLM.from_pretrained(path, **(init_kwargs or {}))
+    return getattr(auto, cls_name).from_pretrained(path, **(init_kwargs or {}))
+
+
+class Seq2SeqDPODataCollator:
+    """TRL's ``DPODataCollatorWithPadding(is_encoder_decoder=True)`` with bucketed static widths:
+    ``prompt_input_ids`` (pad ``pad_token_id``), ``prompt_attention_mask`` (pad 0) and
+    ``chosen_labels`` / ``rejected_labels`` (pad ``label_pad_token_id``, one common width) become
+    RIGHT-padded ``[batch, L]`` int32 arrays; ``*_decoder_input_ids`` rows (TRL's
+    ``tokenize_row(feature, model)``) are dropped, the forward derives them from the labels;
+    ``*_logps`` become float32 ``[batch]``; any other key stays a list."""
+
+    def __init__(self, pad_token_id: Optional[int] = 0, label_pad_token_id: int = -100, *,
+                 max_prompt_length: Optional[int] = None, max_target_length: Optional[int] = None,
+                 pad_to_multiple_of: Optional[int] = None):
+        self.pad_token_id = pad_token_id
+        self.label_pad_token_id = label_pad_token_id
+        self.max_prompt_length, self.max_target_length = max_prompt_length, max_target_length
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, features: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+        if self.pad_token_id is None:
+            raise ValueError(_PAD_TOKEN_MESSAGE)
+        multiple = D.DEFAULT_PAD_MULTIPLE if self.pad_to_multiple_of is None else int(self.pad_to_multiple_of)
+
+        def width(keys, cap):
+            return D.bucket_length(max((len(f[k]) for f in features for k in keys), default=0), multiple, cap)
+
+        p_len = width(["prompt_input_ids"], self.max_prompt_length)
+        l_len = width(["chosen_labels", "rejected_labels"], self.max_target_length)
+        batch: Dict[str, Any] = {}
+        for k in features[0].keys():
+            values = [f[k] for f in features]
+            if k == "prompt_input_ids":
+                batch[k] = D.pad_sequences(values, self.pad_token_id, "right", p_len)
+            elif k == "prompt_attention_mask":
+                batch[k] = D.pad_sequences(values, 0, "right", p_len)
+            elif k in ("chosen_labels", "rejected_labels"):
+                batch[k] = D.pad_sequences(values, self.label_pad_token_id, "right", l_len)
+            elif k.endswith("_decoder_input_ids"):
+                continue
+            elif k.endswith("_logps"):
+                batch[k] = np.asarray(values, dtype=np.float32)
+            else:
+                batch[k] = values
+        return batch
+
+
+def seq2seq_dpo_tokenize_row(feature: Dict[str, Any], tokenizer: Any, *, max_prompt_length: int = 128,
+                             max_target_length: int = 128, model: Any = None) -> Dict[str, List[int]]:
+    """TRL 0.7.11 ``DPOTrainer.tokenize_row`` with ``is_encoder_decoder``: the prompt -> encoder
+    ``prompt_input_ids`` / ``prompt_attention_mask`` (special tokens added, cut to
+    ``max_prompt_length``); chosen / rejected -> ``chosen_labels`` / ``rejected_labels``
+    (special tokens added, cut to ``max_target_length``). With ``model`` (an encoder-decoder with
+    a ``config``) also ``{chosen,rejected}_decoder_input_ids``: the labels shifted right behind
+    the decoder start token (TRL: ``model.prepare_decoder_input_ids_from_labels``)."""
+    for name in ("prompt", "chosen", "rejected"):
+        if not isinstance(feature[name], str):
+            raise ValueError(f"{name} should be an str but got {type(feature[name])}")
+    chosen = tokenizer(feature["chosen"], truncation=True, max_length=max_target_length, add_special_tokens=True)
+    rejected = tokenizer(feature["rejected"], truncation=True, max_length=max_target_length, add_special_tokens=True)
+    prompt = tokenizer(feature["prompt"], truncation=True, max_length=max_prompt_length, add_special_tokens=True)
+    out = {
+        "chosen_labels": list(chosen["input_ids"]),
+        "rejected_labels": list(rejected["input_ids"]),
+        "prompt_input_ids": list(prompt["input_ids"]),
+        "prompt_attention_mask": list(prompt["attention_mask"]),
+    }
+    config = getattr(getattr(model, "module", model), "config", None)
+    if config is not None and getattr(config, "decoder_start_token_id", None) is not None:
+        for side in ("rejected", "chosen"):
+            labels = out[f"{side}_labels"]
+            out[f"{side}_decoder_input_ids"] = [config.decoder_start_token_id] + [
+                config.pad_token_id if t == -100 else t for t in labels[:-1]]
+    return out
 
 
 class DPOTrainer(Trainer):
@@ -133,8 +233,9 @@ class DPOTrainer(Trainer):
     ``compute_metrics`` / ``preprocess_logits_for_metrics``: see
     :class:`rljax.trainers.base.Trainer` (predictions are TRL's per-batch
     ``[logits/chosen, logits/rejected]`` means, labels 0). ``peft_config``: LoRA adapters
-    (reference = adapters off when no ref model is given); the adapter names must be None;
-    encoder-decoder models are not supported.
+    (reference = adapters off when no ref model is given); the adapter names must be None.
+    Encoder-decoder models (T5, e.g. ``rljax.models.AutoModelForSeq2SeqLM``) take TRL's
+    encoder-decoder path (module docstring); ``is_encoder_decoder`` is read from the model.
     """
 
     _tag_names = ["trl", "dpo"]
@@ -185,8 +286,6 @@ class DPOTrainer(Trainer):
             if value is not None:
                 raise ValueError(f"DPOTrainer: {name} names a second PEFT adapter; rljax models hold one adapter "
                                  "(the reference is the model with it disabled), pass None.")
-        if is_encoder_decoder:
-            raise ValueError("rljax's DPOTrainer supports decoder-only (causal LM) models only (encoder-decoder is not supported yet).")
         args = args if args is not None else DPOConfig()
         if not isinstance(args, DPOConfig):
             args = DPOConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingArguments)})
@@ -209,6 +308,18 @@ class DPOTrainer(Trainer):
         if model is None:
             raise ValueError("DPOTrainer needs a model (checkpoint path, (module, params), or a loaded model).")
         tokenizer = resolve_tokenizer(model, tokenizer, "tokenizer must be specified to tokenize a DPO dataset.")
+        if isinstance(model, str):
+            model = _load_causal_lm(model, model_init_kwargs, "model")
+        if isinstance(ref_model, str):
+            ref_model = _load_causal_lm(ref_model, ref_model_init_kwargs, "ref_model")
+        module, params = resolve_model(model, params)
+        encoder_decoder = bool(getattr(module, "is_encoder_decoder", False))
+        if is_encoder_decoder is not None and bool(is_encoder_decoder) != encoder_decoder:
+            raise ValueError(
+                f"is_encoder_decoder={is_encoder_decoder} contradicts the model, which is "
+                f"{'an encoder-decoder' if encoder_decoder else 'decoder-only'} ({type(module).__name__}); TRL reads it "
+                "from model.config when a model is given: pass is_encoder_decoder=None."
+            )
         if args.max_length is None:
             warnings.warn("`max_length` is not set in the DPOTrainer's init; it will default to 512 (TRL's default), "
                           "but you should set it yourself.", UserWarning)
@@ -217,7 +328,12 @@ class DPOTrainer(Trainer):
             warnings.warn("`max_prompt_length` is not set in the DPOTrainer's init; it will default to 128 (TRL's "
                           "default), but you should set it yourself.", UserWarning)
             args = dataclasses.replace(args, max_prompt_length=128)
-        if args.max_length <= args.max_prompt_length:
+        if encoder_decoder and args.max_target_length is None:
+            warnings.warn("When using an encoder decoder architecture, you should set `max_target_length` in the "
+                          "DPOTrainer's init; it will default to 128 (TRL's default), but you should set it yourself.",
+                          UserWarning)
+            args = dataclasses.replace(args, max_target_length=128)
+        if not encoder_decoder and args.max_length <= args.max_prompt_length:
             raise ValueError(
                 f"max_length={args.max_length} must exceed max_prompt_length={args.max_prompt_length}: no completion "
                 "token would survive truncation, so the loss would sit at log 2 and nothing would train. Raise "
@@ -236,16 +352,14 @@ class DPOTrainer(Trainer):
                 "TrainingArguments; we have set it for you, but you should do it yourself in the future.", UserWarning,
             )
 
-        if isinstance(model, str):
-            model = _load_causal_lm(model, model_init_kwargs, "model")
-        if isinstance(ref_model, str):
-            ref_model = _load_causal_lm(ref_model, ref_model_init_kwargs, "ref_model")
-        module, params = resolve_model(model, params)
         module, params, peft_model = apply_peft(module, params, peft_config, "DPOTrainer")
         model_object = peft_model if peft_model is not None else model_object_of(model)
         self._ref_is_policy = False
         if ref_model is not None:
             ref_module, ref_params = resolve_model(ref_model, ref_params)
+            if bool(getattr(ref_module, "is_encoder_decoder", False)) != encoder_decoder:
+                raise ValueError(f"ref_model ({type(ref_module).__name__}) and model ({type(module).__name__}) must both "
+                                 "be encoder-decoders or both decoder-only.")
         elif is_peft_module(module) and ref_params is None:
             # TRL's null_ref_context: the policy with its adapters disabled, on the policy's own
             # (current) params; the frozen base is never copied.
@@ -269,13 +383,22 @@ class DPOTrainer(Trainer):
         self.label_pad_token_id, self.padding_value = args.label_pad_token_id, args.padding_value
         self.max_length, self.max_prompt_length = args.max_length, args.max_prompt_length
         self.truncation_mode, self.precompute_ref_log_probs = args.truncation_mode, args.precompute_ref_log_probs
-        self.reference_free, self.is_encoder_decoder = args.reference_free, False
+        self.reference_free, self.is_encoder_decoder = args.reference_free, encoder_decoder
+        self.max_target_length = args.max_target_length
         self.dataset_num_proc = dataset_num_proc
         self.use_dpo_data_collator = data_collator is None
-        self.data_collator = data_collator or D.DPODataCollatorWithPadding(
-            args.padding_value, args.label_pad_token_id, max_length=args.max_length,
-            pad_to_multiple_of=args.pad_to_multiple_of,
-        )
+        if data_collator is not None:
+            self.data_collator = data_collator
+        elif encoder_decoder:  # TRL pads the encoder prompt with the tokenizer's pad id
+            self.data_collator = Seq2SeqDPODataCollator(
+                tokenizer.pad_token_id, args.label_pad_token_id, max_prompt_length=args.max_prompt_length,
+                max_target_length=args.max_target_length, pad_to_multiple_of=args.pad_to_multiple_of,
+            )
+        else:
+            self.data_collator = D.DPODataCollatorWithPadding(
+                args.padding_value, args.label_pad_token_id, max_length=args.max_length,
+                pad_to_multiple_of=args.pad_to_multiple_of,
+            )
         self.loss_fn = make_dpo_loss(
             self.compute_module, beta=args.beta, label_smoothing=args.label_smoothing, loss_type=args.loss_type,
             reference_free=args.reference_free, label_pad_token_id=args.label_pad_token_id,
@@ -322,13 +445,9 @@ class DPOTrainer(Trainer):
                 f"DPO datasets need string columns 'prompt', 'chosen' and 'rejected'; missing {missing} "
                 f"(columns: {columns})."
             )
-        a = self.args
         rows = []
         for row in dataset:
-            toks = D.dpo_tokenize_row(
-                row, self.tokenizer, max_length=a.max_length, max_prompt_length=a.max_prompt_length,
-                truncation_mode=a.truncation_mode, label_pad_token_id=a.label_pad_token_id,
-            )
+            toks = self.tokenize_row(row)
             for k in _REF_KEYS:  # a dataset that already carries reference log-probs keeps them
                 if k in row:
                     toks[k] = float(row[k])
@@ -339,6 +458,8 @@ class DPOTrainer(Trainer):
         """Collate rows and give chosen and rejected one common (bucketed) width."""
         b = self.data_collator(list(examples))
         a = self.args
+        if self.is_encoder_decoder:
+            return self._pair_batch(b)
         cat = D.concatenated_inputs(b, a.padding_value, a.label_pad_token_id)
         n = len(examples)
         batch = {}
@@ -374,8 +495,12 @@ class DPOTrainer(Trainer):
 
     # -- TRL's method names ------------------------------------------------------------------
     def tokenize_row(self, feature: Dict[str, Any], model: Any = None) -> Dict[str, Any]:
-        """TRL's ``tokenize_row``: one prompt/chosen/rejected row -> token fields."""
+        """TRL's ``tokenize_row``: one prompt/chosen/rejected row -> token fields (encoder-decoder:
+        :func:`seq2seq_dpo_tokenize_row`, with decoder inputs when ``model`` is given)."""
         a = self.args
+        if self.is_encoder_decoder:
+            return seq2seq_dpo_tokenize_row(feature, self.tokenizer, max_prompt_length=a.max_prompt_length,
+                                            max_target_length=a.max_target_length, model=model)
         return D.dpo_tokenize_row(
             feature, self.tokenizer, max_length=a.max_length, max_prompt_length=a.max_prompt_length,
             truncation_mode=a.truncation_mode, label_pad_token_id=a.label_pad_token_id,
@@ -384,17 +509,31 @@ class DPOTrainer(Trainer):
     @staticmethod
     def concatenated_inputs(batch: Dict[str, Any], is_encoder_decoder: bool = False, label_pad_token_id: int = -100,
                             padding_value: int = 0, device: Any = None) -> Dict[str, np.ndarray]:
-        """TRL's ``concatenated_inputs``: chosen rows then rejected rows, padded to one width."""
-        if is_encoder_decoder:
-            raise ValueError("encoder-decoder models are not supported.")
-        return D.concatenated_inputs(batch, padding_value, label_pad_token_id)
+        """TRL's ``concatenated_inputs``: chosen rows then rejected rows, padded to one width.
+        ``is_encoder_decoder``: ``concatenated_labels`` (and any other ``chosen_*`` array, padded
+        with ``label_pad_token_id`` as TRL) to the longer label width, and the prompt repeated
+        twice as ``concatenated_input_ids`` / ``concatenated_attention_mask``."""
+        if not is_encoder_decoder:
+            return D.concatenated_inputs(batch, padding_value, label_pad_token_id)
+        width = max(np.shape(batch["chosen_labels"])[1], np.shape(batch["rejected_labels"])[1])
+        out = {}
+        for k, v in batch.items():
+            rk = "rejected" + k[len("chosen"):]
+            if k.startswith("chosen") and np.ndim(v) == 2 and rk in batch:
+                out["concatenated" + k[len("chosen"):]] = np.concatenate(
+                    [np.pad(np.asarray(x), ((0, 0), (0, width - np.shape(x)[1])), constant_values=label_pad_token_id)
+                     for x in (v, batch[rk])], axis=0)
+        out["concatenated_input_ids"] = np.tile(np.asarray(batch["prompt_input_ids"]), (2, 1))
+        out["concatenated_attention_mask"] = np.tile(np.asarray(batch["prompt_attention_mask"]), (2, 1))
+        return out
 
     @staticmethod
     def get_batch_logps(logits: jax.Array, labels: jax.Array, average_log_prob: bool = False,
                         label_pad_token_id: int = -100, is_encoder_decoder: bool = False) -> jax.Array:
-        """TRL's ``get_batch_logps``: ``[B]`` summed (or averaged) log-probs of the labels."""
+        """TRL's ``get_batch_logps``: ``[B]`` summed (or averaged) log-probs of the labels (no
+        shift for ``is_encoder_decoder``: :func:`rljax.dpo.seq2seq_batch_logps`)."""
         if is_encoder_decoder:
-            raise ValueError("encoder-decoder models are not supported.")
+            return seq2seq_batch_logps(logits, labels, average_log_prob, label_pad_token_id)
         return get_batch_logps(logits, labels, average_log_prob, label_pad_token_id)
 
     def dpo_loss(self, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
@@ -416,6 +555,8 @@ class DPOTrainer(Trainer):
 
     def _pair_batch(self, batch: Dict[str, Any]) -> Dict[str, Any]:
         """A TRL-collated batch (chosen/rejected of different widths) or ours -> our layout."""
+        if self.is_encoder_decoder:
+            return self._seq2seq_pair_batch(batch)
         if "concatenated_input_ids" in batch or batch["chosen_input_ids"].shape[1] != batch["rejected_input_ids"].shape[1]:
             cat = batch if "concatenated_input_ids" in batch else D.concatenated_inputs(
                 batch, self.padding_value, self.label_pad_token_id)
@@ -425,15 +566,37 @@ class DPOTrainer(Trainer):
             return {**{k: v for k, v in batch.items() if k in _REF_KEYS}, **out}
         return batch
 
+    def _seq2seq_pair_batch(self, batch: Dict[str, Any]) -> Dict[str, Any]:
+        """Encoder-decoder: prompt rows plus chosen / rejected labels of one common width (from
+        ours, TRL's collated batch, or TRL's ``concatenated_*`` batch)."""
+        refs = {k: v for k, v in batch.items() if k in _REF_KEYS}
+        if "concatenated_labels" in batch:
+            n = np.shape(batch["concatenated_labels"])[0] // 2
+            return {**refs, "prompt_input_ids": batch["concatenated_input_ids"][:n],
+                    "prompt_attention_mask": batch["concatenated_attention_mask"][:n],
+                    "chosen_labels": batch["concatenated_labels"][:n], "rejected_labels": batch["concatenated_labels"][n:]}
+        missing = [k for k in _SEQ2SEQ_KEYS if k not in batch]
+        if missing:
+            raise ValueError(f"An encoder-decoder DPO batch needs {list(_SEQ2SEQ_KEYS)}; missing {missing}.")
+        c, r = np.asarray(batch["chosen_labels"]), np.asarray(batch["rejected_labels"])
+        width = max(c.shape[1], r.shape[1])
+        pad = self.label_pad_token_id
+        c, r = (np.pad(x, ((0, 0), (0, width - x.shape[1])), constant_values=pad) for x in (c, r))
+        mask = np.asarray(batch["prompt_attention_mask"])
+        return {**refs, "prompt_input_ids": np.asarray(batch["prompt_input_ids"]), "prompt_attention_mask": mask,
+                "chosen_labels": c, "rejected_labels": r}
+
     def concatenated_forward(self, model: Any, batch: Dict[str, Any]):
         """TRL's ``concatenated_forward``: ``(chosen_logps [B], rejected_logps [B], chosen_logits
         [B, L, V], rejected_logits [B, L, V])`` of ``model`` (``trainer.model``, a model object,
         or a params pytree) on a collated batch."""
         batch = self._pair_batch(batch)
+        kw = {"average_log_prob": self.loss_type == "ipo", "label_pad_token_id": self.label_pad_token_id}
+        if self.is_encoder_decoder:
+            return seq2seq_concatenated_forward(
+                self.module, self._params_of(model), {k: jnp.asarray(batch[k]) for k in _SEQ2SEQ_KEYS}, **kw)
         pc, pr, logits = concatenated_forward(
-            self.module, self._params_of(model), {k: jnp.asarray(batch[k]) for k in _PAIR_KEYS},
-            average_log_prob=self.loss_type == "ipo", label_pad_token_id=self.label_pad_token_id,
-        )
+            self.module, self._params_of(model), {k: jnp.asarray(batch[k]) for k in _PAIR_KEYS}, **kw)
         n = pc.shape[0]
         return pc, pr, logits[:n], logits[n:]
 

@@ -31,6 +31,14 @@ Differences from TRL 0.7.11 (deliberate, also listed in the README):
 * Rows of 2-D inputs are compacted to their attended tokens (``attention_mask == 1``)
   before truncation and re-padding; with the cumulative position ids this is the same
   computation for contiguous (left- or right-) padding.
+
+Encoder-decoder models (T5; TRL's ``is_encoder_decoder`` path): ``input_ids`` /
+``texts`` are the encoder inputs and ``labels`` / ``texts_labels`` the decoder targets
+(required, as TRL); the loss is transformers' seq2seq cross-entropy (decoder inputs = the
+labels shifted right, no shift in the loss), token-averaged over the minibatch. Labels equal
+to the pad token are not counted (as TRL); ``texts_labels`` are tokenized with the
+tokenizer's special tokens (T5 appends eos; TRL tokenizes ``texts`` again here, a bug).
+``max_length`` cuts encoder inputs and labels alike.
 """
 from __future__ import annotations
 
@@ -81,9 +89,13 @@ def _rows(name: str, value: Any) -> List[np.ndarray]:
     return [r.astype(np.int64) for r in rows]
 
 
-def _count(row: Dict[str, np.ndarray]) -> int:
-    """Tokens a row contributes to the loss (labels are shifted by one)."""
-    return int(np.sum(row["labels"][1:] != -100))
+def _count(row: Dict[str, np.ndarray], encoder_decoder: bool = False) -> int:
+    """Tokens a row contributes to the loss (decoder-only: labels are shifted by one)."""
+    return int(np.sum((row["labels"] if encoder_decoder else row["labels"][1:]) != -100))
+
+
+_SEQ2SEQ_NEEDS_LABELS = ("No 'labels' or 'text_labels' are provided. When using an encoder-decoder architecture, "
+                         "'labels' or 'text_labels' must be passed.")
 
 
 def _check_texts(name: str, value: Any) -> List[str]:
@@ -150,6 +162,7 @@ class IterativeSFTTrainer(Trainer):
         self.truncation_mode = truncation_mode
         self.optimize_device_cache = optimize_device_cache  # accepted for TRL compatibility; no effect
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.is_encoder_decoder = bool(getattr(module, "is_encoder_decoder", False))
         self.loss_fn = make_iterative_sft_loss(self.compute_module)
         self._num_step_calls = 0
 
@@ -168,6 +181,9 @@ class IterativeSFTTrainer(Trainer):
             raise ValueError("step() needs `input_ids` or `texts`.")
         if input_ids is not None and texts is not None:
             raise ValueError("Give either `input_ids` (token ids) or `texts` (strings) to step(), not both.")
+        if self.is_encoder_decoder:
+            rows = self._seq2seq_rows(input_ids, attention_mask, labels, texts, texts_labels)
+            return self._truncate(rows)
         if texts is not None:
             if attention_mask is not None or labels is not None:
                 raise ValueError("With `texts`, pass targets as `texts_labels` (not `labels` / `attention_mask`).")
@@ -209,6 +225,10 @@ class IterativeSFTTrainer(Trainer):
                 ids_i = ids[keep]
                 lab = label_rows[i][keep] if label_rows is not None else self._default_labels(ids_i)
                 rows.append({"input_ids": ids_i, "attention_mask": np.ones_like(ids_i), "labels": lab})
+        return self._truncate(rows)
+
+    def _truncate(self, rows: List[Dict[str, np.ndarray]]) -> List[Dict[str, np.ndarray]]:
+        """Cut every field of every row to ``max_length`` (``truncation_mode``); reject empty rows."""
         if not rows:
             raise ValueError("step() got no samples.")
         if self.max_length is not None:
@@ -217,6 +237,45 @@ class IterativeSFTTrainer(Trainer):
                     r[k] = np.asarray(D.truncate_sequences([r[k]], self.max_length, self.truncation_mode)[0], np.int64)
         if any(len(r["input_ids"]) == 0 for r in rows):
             raise ValueError("A sample has no tokens (empty text or all-zero attention_mask).")
+        if self.is_encoder_decoder and any(len(r["labels"]) == 0 for r in rows):
+            raise ValueError("A sample has no labels (empty texts_labels or labels row).")
+        return rows
+
+    def _seq2seq_rows(self, input_ids, attention_mask, labels, texts, texts_labels) -> List[Dict[str, np.ndarray]]:
+        """Encoder-decoder rows: encoder ``input_ids`` / ``attention_mask`` and decoder ``labels``
+        (own length; pad-token labels -> -100, as TRL)."""
+        pad = self.pad_token_id
+        if texts is not None:
+            if attention_mask is not None or labels is not None:
+                raise ValueError("With `texts`, pass targets as `texts_labels` (not `labels` / `attention_mask`).")
+            if texts_labels is None:
+                raise ValueError(_SEQ2SEQ_NEEDS_LABELS)
+            texts, texts_labels = _check_texts("texts", texts), _check_texts("texts_labels", texts_labels)
+            if len(texts_labels) != len(texts):
+                raise ValueError(f"texts ({len(texts)}) and texts_labels ({len(texts_labels)}) must have the same length.")
+            ids_rows = [np.asarray(x, np.int64) for x in self.tokenizer(texts)["input_ids"]]
+            mask_rows = [np.ones_like(x) for x in ids_rows]
+            label_rows = [np.asarray(x, np.int64) for x in self.tokenizer(texts_labels)["input_ids"]]
+        else:
+            if texts_labels is not None:
+                raise ValueError("`texts_labels` goes with `texts`; with `input_ids` pass `labels` (token ids).")
+            if labels is None:
+                raise ValueError(_SEQ2SEQ_NEEDS_LABELS)
+            ids_rows = _rows("input_ids", input_ids)
+            label_rows = _rows("labels", labels)
+            mask_rows = _rows("attention_mask", attention_mask) if attention_mask is not None else [
+                np.ones_like(x) for x in ids_rows]
+            for name, other in (("attention_mask", mask_rows), ("labels", label_rows)):
+                if len(other) != len(ids_rows):
+                    raise ValueError(f"input_ids has {len(ids_rows)} rows but {name} has {len(other)}.")
+            for i, (a, b) in enumerate(zip(ids_rows, mask_rows)):
+                if len(a) != len(b):
+                    raise ValueError(f"input_ids[{i}] has {len(a)} tokens but attention_mask[{i}] has {len(b)}.")
+        rows = []
+        for ids, mask, lab in zip(ids_rows, mask_rows, label_rows):
+            keep = mask.astype(bool)
+            lab = np.where(lab == pad, -100, lab)
+            rows.append({"input_ids": ids[keep], "attention_mask": np.ones(int(keep.sum()), np.int64), "labels": lab})
         return rows
 
     def _default_labels(self, ids: np.ndarray) -> np.ndarray:
@@ -225,14 +284,26 @@ class IterativeSFTTrainer(Trainer):
 
     def _collate(self, rows: Sequence[dict], size: int, accum: int, total_tokens: float) -> Dict[str, np.ndarray]:
         """Pad ``rows`` to ``size`` rows (fillers: copies of row 0 with weight 0) of one
-        bucketed width, with per-row ``loss_weight``."""
+        bucketed width (encoder-decoder: one for the encoder inputs, one for the labels), with
+        per-row ``loss_weight``."""
         rows = list(rows)
         n = len(rows)
         rows = rows + [rows[0]] * (size - n)
-        batch = D.collate_lm(
-            rows, self.pad_token_id, max_length=self.max_length, pad_to_multiple_of=self.pad_to_multiple_of,
-            keep_labels=True,
-        )
+        if self.is_encoder_decoder:
+            multiple = D.DEFAULT_PAD_MULTIPLE if self.pad_to_multiple_of is None else int(self.pad_to_multiple_of)
+
+            def width(key):
+                return D.bucket_length(max(len(r[key]) for r in rows), multiple, self.max_length)
+
+            enc, dec = width("input_ids"), width("labels")
+            batch = {"input_ids": D.pad_sequences([r["input_ids"] for r in rows], self.pad_token_id, "right", enc),
+                     "attention_mask": D.pad_sequences([r["attention_mask"] for r in rows], 0, "right", enc),
+                     "labels": D.pad_sequences([r["labels"] for r in rows], -100, "right", dec)}
+        else:
+            batch = D.collate_lm(
+                rows, self.pad_token_id, max_length=self.max_length, pad_to_multiple_of=self.pad_to_multiple_of,
+                keep_labels=True,
+            )
         weight = np.zeros(size, np.float32)
         weight[:n] = accum / max(total_tokens, 1.0)
         batch["loss_weight"] = weight
@@ -280,7 +351,7 @@ class IterativeSFTTrainer(Trainer):
         metrics, num_tokens = [], 0
         for start in range(0, len(rows), size):
             mb = [rows[i] for i in order[start : start + size]]
-            tokens = sum(_count(r) for r in mb)
+            tokens = sum(_count(r, self.is_encoder_decoder) for r in mb)
             num_tokens += tokens
             batch = self._collate(mb, size, accum, tokens)
             self.train_state, m = self._train_step(self.train_state, self._place_batch(batch))
@@ -329,7 +400,7 @@ class IterativeSFTTrainer(Trainer):
         rows = self.prepare_inputs(input_ids, attention_mask, labels, texts, texts_labels)
         if self._eval_step is None:
             self._eval_step = make_eval_step(self.loss_fn)
-        total = float(sum(_count(r) for r in rows))
+        total = float(sum(_count(r, self.is_encoder_decoder) for r in rows))
         size = self.args.per_device_eval_batch_size
         loss = 0.0
         for start in range(0, len(rows), size):
