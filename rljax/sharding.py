@@ -154,12 +154,27 @@ BLOOM_RULES = _HEAD_RULES + [
     (r".*", P()),  # layer norms, output biases
 ]
 
+# T5 / mT5 (encoder-decoder): kernels [in, out]; q/k/v out and o's in are [heads * d_kv], so "model"
+# splits whole heads, as does the relative position bias [buckets, heads]; wi / wi_0 / wi_1 are
+# [d_model, d_ff], wo [d_ff, d_model]. Encoder and decoder blocks share the table.
+T5_RULES = _HEAD_RULES + [
+    (r"shared/embedding$", (P("model", "fsdp"), P(None, ("fsdp", "model")))),  # [vocab, d_model]
+    (r"(SelfAttention|EncDecAttention)/(q|k|v)/kernel$", P("fsdp", "model")),  # [d_model, heads*d_kv]
+    (r"(SelfAttention|EncDecAttention)/o/kernel$", P("model", "fsdp")),  # [heads*d_kv, d_model]
+    (r"relative_attention_bias/embedding$", P(None, "model")),  # [buckets, heads]
+    (r"DenseReluDense/(wi|wi_0|wi_1)/kernel$", P("fsdp", "model")),  # [d_model, d_ff]
+    (r"DenseReluDense/wo/kernel$", P("model", "fsdp")),  # [d_ff, d_model]
+    (r"lm_head/kernel$", P("fsdp", "model")),  # [d_model, vocab] (untied: v1.1 / flan-t5 / mT5)
+    (r".*", P()),  # layer norms
+]
+
 # Unknown models: FSDP on the largest dim of every matrix, nothing else.
 GENERIC_RULES = _HEAD_RULES + [(r".*", FSDP_LARGEST)]
 
 RULES = {"gpt2": GPT2_RULES, "llama": LLAMA_RULES, "mistral": LLAMA_RULES, "qwen2": LLAMA_RULES,
          "gpt_neox": GPT_NEOX_RULES, "opt": OPT_RULES}
 RULES.update(gemma=LLAMA_RULES, gptj=GPTJ_RULES, codegen=GPTJ_RULES, gpt_neo=GPT_NEO_RULES, bloom=BLOOM_RULES)
+RULES.update(t5=T5_RULES, mt5=T5_RULES)
 
 
 # --------------------------------------------------------------------------
@@ -239,6 +254,8 @@ def infer_family(tree: Any) -> Optional[str]:
     """A ``RULES`` key ("gpt2", "llama", ...) or None, from the parameter names found anywhere in ``tree``."""
     # a scanned layer stack (h/..., layers/...) reads like its first layer
     joined = re.sub(r"(^|/)(h|layers)/", r"\1\2_0/", "\n".join(tree_paths(tree)), flags=re.M)
+    if re.search(r"(^|/)(encoder|decoder)/block_\d+/layer_0/SelfAttention/", joined, re.M):  # T5 / mT5
+        return "t5"
     if re.search(r"(^|/)h_\d+/attn/(q_proj|qkv_proj)/", joined, re.M):  # before gpt2: same wte name
         return "gptj"
     if re.search(r"(^|/)h_\d+/attn/attention/q_proj/", joined, re.M):

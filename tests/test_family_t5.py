@@ -181,3 +181,64 @@ def test_config_errors_and_transformers5_untied_configs():
     cfg = T5Config.from_dict({"model_type": "t5", "tie_word_embeddings": True, "scale_decoder_outputs": False})
     assert not cfg.tie_word_embeddings and not cfg.scale_decoder_outputs
     assert T5Config.from_dict({"model_type": "t5", "tie_word_embeddings": False}).to_dict()["tie_word_embeddings"] is False
+
+
+def test_sharding_rules_split_heads_and_mlp(t5):
+    from rljax.sharding import infer_family, make_mesh, partition_specs
+
+    name, _, _, _, params = t5
+    assert infer_family(params) == "t5"
+    specs = partition_specs(params, make_mesh(data=2, fsdp=2, model=2))
+    block = specs["decoder"]["block_0"]
+    assert tuple(block["layer_0"]["SelfAttention"]["q"]["kernel"]) == ("fsdp", "model")
+    assert tuple(block["layer_1"]["EncDecAttention"]["o"]["kernel"]) == ("model", "fsdp")
+    assert tuple(block["layer_0"]["SelfAttention"]["relative_attention_bias"]["embedding"]) == (None, "model")
+    ff = block["layer_2"]["DenseReluDense"]
+    assert tuple(ff["wi" if name == "v1_0" else "wi_1"]["kernel"]) == ("fsdp", "model")
+    assert tuple(ff["wo"]["kernel"]) == ("model", "fsdp")
+    assert tuple(specs["shared"]["embedding"]) == ("model", "fsdp")
+    assert tuple(block["layer_0"]["layer_norm"]["weight"]) == ()
+
+
+@pytest.mark.slow
+def test_value_head_ppo_step_runs_sharded_on_a_data_fsdp_mesh(tmp_path_factory):
+    """A T5 value-head PPO step (TRL's encoder-decoder layout) jitted on a data=2 x fsdp=4 mesh of
+    the 8 CPU devices: params and Adam moments are split on fsdp, and the step's numbers equal
+    the single-device step's."""
+    from rljax.models.auto import AutoModelForSeq2SeqLMWithValueHead
+    from rljax.models.seq2seq import make_seq2seq_forward_rollout
+    from rljax.ppo import PPOConfig
+    from rljax.ppo_train import PPOTrainState, make_ppo_step
+    from rljax.sharding import batch_sharding, jit_sharded, make_mesh, replicated
+    from rljax.trainers.base import shard_state_for_mesh
+
+    _, _, path, _, _ = _build("v1_1", tmp_path_factory)
+    model = AutoModelForSeq2SeqLMWithValueHead.from_pretrained(path, summary_dropout_prob=0.0)
+    config = PPOConfig(batch_size=8, mini_batch_size=8, ppo_epochs=1, learning_rate=1e-3, seed=0)
+    rs = np.random.RandomState(0)
+    q = rs.randint(2, VOCAB, (8, 6)).astype(np.int32)
+    qm = (np.arange(6)[None] < rs.randint(2, 7, (8, 1))).astype(np.int32)
+    r = np.concatenate([np.zeros((8, 1), np.int32), rs.randint(2, VOCAB, (8, 5))], axis=1).astype(np.int32)
+    rm = (np.arange(6)[None] < rs.randint(3, 7, (8, 1))).astype(np.int32)
+    scores = jnp.asarray(rs.normal(size=(8,)), jnp.float32)
+    view, forward = make_seq2seq_forward_rollout(model.module, 6)
+    rollout = jax.jit(forward)(model.params, model.params, q, qm, r, rm)
+
+    def fresh_state():
+        params = jax.tree.map(jnp.array, model.params)
+        return PPOTrainState.create(params, jax.tree.map(jnp.array, params), config)
+
+    mesh = make_mesh(data=2, fsdp=4)
+    state, sh = shard_state_for_mesh(fresh_state(), mesh, 8, "the batch")
+    kernel = state.params["encoder"]["block_0"]["layer_0"]["SelfAttention"]["q"]["kernel"]
+    assert "fsdp" in tuple(kernel.sharding.spec) and kernel.addressable_shards[0].data.shape == (8, 32)
+    rows = batch_sharding(mesh)
+    step = jit_sharded(make_ppo_step(view, config), mesh, in_shardings=(sh, rows, rows),
+                       out_shardings=(sh, replicated(mesh)), donate_argnums=(0,))
+    new_state, stats = step(state, rollout, scores)
+    assert tuple(new_state.params["shared"]["embedding"].sharding.spec) == tuple(sh.params["shared"]["embedding"].spec)
+    one_state, one_stats = jax.jit(make_ppo_step(view, config))(fresh_state(), rollout, scores)
+    for key in ("ppo/loss/total", "ppo/loss/value", "ppo/policy/entropy"):
+        np.testing.assert_allclose(float(stats[key]), float(one_stats[key]), rtol=1e-4, atol=1e-5, err_msg=key)
+    np.testing.assert_allclose(np.asarray(new_state.params["v_head"]["summary"]["kernel"]),
+                               np.asarray(one_state.params["v_head"]["summary"]["kernel"]), rtol=1e-4, atol=1e-5)
