@@ -760,6 +760,8 @@ def _attach_peft(model, *, lora=None, peft_config=None, adapter_dir=None, is_tra
     elif lora is None and peft_config is not None:
         pm = get_peft_model((model.module, model.params), peft_config)
         model.module, model.params, lora = pm.module, pm.params, pm.lora_config
+    elif peft_config is not None:  # TRL ignores it silently for a PeftModel; say so
+        warnings.warn("`peft_config` argument ignored: the model already has LoRA adapters (a PeftModel).")
     if lora is not None:
         if lora.base_model_name_or_path is None and model.name_or_path is not None:
             lora = dataclasses.replace(lora, base_model_name_or_path=model.name_or_path)
