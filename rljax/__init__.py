@@ -25,6 +25,10 @@ _LAZY = {
     "TextHistory": "rljax.environment",
     "setup_chat_format": "rljax.models.chat",
     "DefaultDDPOStableDiffusionPipeline": "rljax.diffusion.sd_pipeline",
+    "LoraConfig": "rljax.models.peft",
+    "PeftModel": "rljax.models.peft",
+    "TaskType": "rljax.models.peft",
+    "get_peft_model": "rljax.models.peft",
 }
 _LAZY.pop("Trainer")  # the base loop stays at rljax.trainers.Trainer (trl exports no Trainer)
 

@@ -183,6 +183,13 @@ def test_ppo_peft_policy_reference_is_adapters_off_without_a_copy(lm, tiny_token
     moved = changed(trainer.state.params, before)
     assert moved and all(k.endswith(("lora_A", "lora_B")) or k.startswith("v_head") for k in moved)
     assert policy.params is trainer.state.params  # published to the model object, as TRL trains in place
+    # generate(generate_ref_response=True): the reference answer is the base model's (adapters off).
+    kw = dict(max_new_tokens=3, do_sample=False, pad_token_id=0, eos_token_id=None)
+    resp, ref_resp = trainer.generate(queries[:2], return_prompt=False, generate_ref_response=True, **kw)
+    base_policy = AutoModelForCausalLMWithValueHead.from_lm(module, params)
+    for q_, r_ in zip(queries[:2], ref_resp):
+        base = np.asarray(base_policy.generate(jnp.asarray(q_)[None], **kw))[0, len(q_):]
+        np.testing.assert_array_equal(np.asarray(r_), base)
 
 
 # --------------------------------------------------------------------------

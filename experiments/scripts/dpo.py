@@ -34,7 +34,7 @@ python experiments/scripts/dpo.py \
     --logging_first_step \
     --no_remove_unused_columns
 
-# peft: --use_peft --lora_r=16 --lora_alpha=16 stops with a clear error (rljax has no LoRA yet).
+# peft: --use_peft --lora_r=16 --lora_alpha=16 trains LoRA adapters; the reference is the policy with adapters off.
 """
 import os
 import sys

@@ -35,7 +35,15 @@ from datasets import load_dataset
 from tqdm import tqdm
 from transformers import AutoTokenizer, HfArgumentParser
 
-from rljax import AutoModelForCausalLMWithValueHead, ModelConfig, PPOConfig, PPOTrainer, get_peft_config, set_seed
+from rljax import (
+    AutoModelForCausalLMWithValueHead,
+    AutoModelForSeq2SeqLMWithValueHead,
+    ModelConfig,
+    PPOConfig,
+    PPOTrainer,
+    get_peft_config,
+    set_seed,
+)
 from rljax.core import LengthSampler
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))  # rljax: experiments/_offline.py
@@ -63,9 +71,7 @@ args, ppo_config = parser.parse_args_into_dataclasses()
 # We set `return_all_scores` to True to get the sentiment score for each token.
 sent_kwargs = {"return_all_scores": True, "function_to_apply": "none", "batch_size": 16}
 
-if args.use_seq2seq:  # rljax: no encoder-decoder value-head models yet
-    raise NotImplementedError("--use_seq2seq: rljax has no AutoModelForSeq2SeqLMWithValueHead yet; drop the flag.")
-trl_model_class = AutoModelForCausalLMWithValueHead
+trl_model_class = AutoModelForCausalLMWithValueHead if not args.use_seq2seq else AutoModelForSeq2SeqLMWithValueHead
 
 
 # Below is an example function to build the dataset. In our case, we use the IMDB dataset
@@ -120,14 +126,15 @@ if not args.use_peft:
     device_map = None
     peft_config = None
 else:
-    # rljax: no LoRA yet; get_peft_config raises a clear NotImplementedError
+    # rljax: the reference is the policy with its LoRA adapters off (no second copy of the base)
     peft_config = get_peft_config(ModelConfig(use_peft=True, lora_r=args.lora_r, lora_alpha=args.lora_alpha))
     ref_model = None
 
-# rljax: no device_map / peft_config arguments (JAX places arrays itself; no LoRA yet)
+# rljax: no device_map argument (JAX places arrays itself)
 model = trl_model_class.from_pretrained(
     ppo_config.model_name,
     trust_remote_code=args.trust_remote_code,
+    peft_config=peft_config,
 )
 
 

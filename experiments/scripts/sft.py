@@ -31,7 +31,7 @@ python experiments/scripts/sft.py \
     --max_steps=-1 \
     --gradient_checkpointing
 
-# peft: --use_peft --lora_r=64 --lora_alpha=16 stops with a clear error (rljax has no LoRA yet).
+# peft: --use_peft --lora_r=64 --lora_alpha=16 trains LoRA adapters only (rljax.models.peft).
 """
 import os
 import sys

@@ -31,6 +31,8 @@ from rljax.models.hub import (
     save_pretrained,
 )
 from rljax.models.llama import LlamaConfig, LlamaForCausalLM
+from rljax.models.peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from rljax.models.quant import dequantize_params, quantize_params
 from rljax.models.t5 import T5Config, T5ForConditionalGeneration
 
 __all__ = [
@@ -65,4 +67,10 @@ __all__ = [
     "init_params",
     "model_from_config",
     "save_pretrained",
+    "LoraConfig",
+    "PeftModel",
+    "TaskType",
+    "get_peft_model",
+    "quantize_params",
+    "dequantize_params",
 ]

@@ -625,11 +625,14 @@ class PPOTrainer:
             ids = pad_sequences(rows, kw["pad_token_id"], "left", P)
             mask = pad_sequences([np.ones(len(q), np.int32) for q in rows], 0, "left", P)
             rng, k1, k2 = jax.random.split(rng, 3)
-            for params, sink, key in ((policy_params, outs, k1),) + (((ref_full, ref_outs, k2),) if generate_ref_response else ()):
+            # PEFT without a ref_model: the reference is the policy's own params with adapters off.
+            ref_gen = (self.module, ref_full) if self._ref_module is None else (self._ref_module, policy_params)
+            runs = (((self.module, policy_params), outs, k1),) + ((ref_gen, ref_outs, k2),) * bool(generate_ref_response)
+            for (module, params), sink, key in runs:
                 if self.is_encoder_decoder:  # TRL returns the decoder output, start token included
                     self._append_decoder_outputs(params, ids, mask, key, kw, sink, len(chunk), remove_padding, limit)
                     continue
-                gen = _generate(self.module, params, ids, mask, key, new_tokens_limit=limit, **kw)
+                gen = _generate(module, params, ids, mask, key, new_tokens_limit=limit, **kw)
                 seqs = np.asarray(gen.sequences)[: len(chunk)]
                 if limit is not None:
                     seqs = seqs[:, : P + limit]  # as if generated with max_new_tokens=limit
