@@ -15,15 +15,14 @@ as one compiled program instead (and ``rljax.sweep`` vmaps it over seeds).
 from __future__ import annotations
 
 import dataclasses
-import time
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, List, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from rljax.grpo import GRPOSettings, GRPOTrainState, make_grpo_rollout, make_grpo_step
-from rljax.trainers.base import TrainingArguments, make_optimizer, prepare_output_dir
+from rljax.trainers.base import TrainingArguments, make_optimizer
 from rljax.trainers.online import OnlineShell, RewardFunc, fields_from, settings_of
 
 # Settings fields the config spells its own way: derived from the batch fields, Optional in TRL,
@@ -102,17 +101,6 @@ class GRPOTrainer(OnlineShell):
         self._step = jax.jit(make_grpo_step(self.module, self.settings, self.tx))
         self.state = GRPOTrainState.create(self.params, self.tx, ref_params=self.ref_params,
                                            rng=jax.random.PRNGKey(args.seed))
-
-    def train(self) -> Dict[str, float]:
-        args = self.args
-        prepare_output_dir(args.output_dir, args.overwrite_output_dir)
-        start = time.time()
-        try:
-            self._train_loop()
-        finally:
-            self._close_sinks()
-        self.params = self.state.params
-        return {"train_runtime": time.time() - start, "global_step": args.max_steps}
 
     def _train_loop(self) -> None:
         args, s = self.args, self.settings

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 import typing
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
@@ -21,7 +22,7 @@ import numpy as np
 
 from rljax.data import pad_sequences
 from rljax.generation import make_generate_fn
-from rljax.trainers.base import resolve_model
+from rljax.trainers.base import prepare_output_dir, resolve_model
 
 RewardFunc = Callable[..., Sequence[Optional[float]]]
 
@@ -174,6 +175,22 @@ class OnlineShell:
         if self._metric_logger is not None:
             self._metric_logger.close()
             self._metric_logger = None
+
+    def train(self) -> Dict[str, float]:
+        """Run ``args.max_steps`` steps of the subclass's ``_train_loop``; metric sinks are closed
+        even when a step raises. Returns ``train_runtime`` and ``global_step``."""
+        args = self.args
+        prepare_output_dir(args.output_dir, args.overwrite_output_dir)
+        start = time.time()
+        try:
+            self._train_loop()
+        finally:
+            self._close_sinks()
+        self.params = self.state.params
+        return {"train_runtime": time.time() - start, "global_step": args.max_steps}
+
+    def _train_loop(self) -> None:  # pragma: no cover - every shell defines it
+        raise NotImplementedError
 
     def save_model(self, output_dir: Optional[str] = None) -> None:
         from rljax.models import save_pretrained

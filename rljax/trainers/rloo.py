@@ -6,15 +6,14 @@ around one jitted rollout and one jitted ``rloo_step``. The reward is a Python f
 from __future__ import annotations
 
 import dataclasses
-import time
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from rljax.rloo import RLOOSettings, RLOOTrainState, make_rloo_rollout, make_rloo_step
-from rljax.trainers.base import TrainingArguments, make_optimizer, prepare_output_dir
+from rljax.trainers.base import TrainingArguments, make_optimizer
 from rljax.trainers.online import OnlineShell, RewardFunc, fields_from, settings_of
 
 
@@ -71,17 +70,6 @@ class RLOOTrainer(OnlineShell):
         self._step = jax.jit(make_rloo_step(self.module, self.settings, self.tx))
         self.state = RLOOTrainState.create(self.params, self.tx, ref_params=self.ref_params,
                                            rng=jax.random.PRNGKey(args.seed))
-
-    def train(self) -> Dict[str, float]:
-        args = self.args
-        prepare_output_dir(args.output_dir, args.overwrite_output_dir)
-        start = time.time()
-        try:
-            self._train_loop()
-        finally:
-            self._close_sinks()
-        self.params = self.state.params
-        return {"train_runtime": time.time() - start, "global_step": args.max_steps}
 
     def _train_loop(self) -> None:
         args, s = self.args, self.settings
