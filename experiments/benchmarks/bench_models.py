@@ -7,6 +7,8 @@ number of CPU threads. Cases:
   forward   GPT-2-small shape (124M: d=768, 12 layers, 12 heads, vocab 50257), batch 8 x 128
   generate  64 new tokens, batch 8, prompt 16, greedy with KV cache, for a 4-layer
             d=256 GPT-2 and the GPT-2-small shape
+  Pythia-160M shape (GPT-NeoX: d=768, 12 layers, 12 heads, rotary_pct 0.25, parallel
+            residual, vocab 50304): forward batch 8 x 128 and the same generation
 
 Reported: median wall time of steady-state calls, the ratio PyTorch / rljax (>1
 means rljax is faster) and rljax's one-off cost to trace + compile (measured ahead of time with
@@ -66,15 +68,15 @@ def compile_time(jitted, *args) -> float:
     return time.perf_counter() - t0
 
 
-def build(hf_config, tmp: str, name: str):
-    """A random HF GPT-2 and the same weights loaded by rljax."""
+def build(hf_config, tmp: str, name: str, hf_class: str = "GPT2LMHeadModel"):
+    """A random HF causal LM (``hf_class``) and the same weights loaded by rljax."""
     import torch
     import transformers
 
     from rljax.models import from_pretrained
 
     torch.manual_seed(0)
-    hf = transformers.GPT2LMHeadModel(hf_config).eval()
+    hf = getattr(transformers, hf_class)(hf_config).eval()
     path = os.path.join(tmp, name)
     hf.save_pretrained(path)
     model, params = from_pretrained(path)
@@ -161,6 +163,19 @@ def main():
             r = bench_generate(hf, model, params, 8, 16, new_tokens, gen_reps)
             rows.append((f"greedy generate, {name}", f"batch 8, prompt 16, +{new_tokens} tokens", r))
             del hf, model, params
+        name = "Pythia-160M shape"
+        cfg = transformers.GPTNeoXConfig(
+            hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+            vocab_size=50304, rotary_pct=0.25, max_position_embeddings=2048, use_parallel_residual=True,
+            tie_word_embeddings=False, bos_token_id=None, eos_token_id=None,
+        )
+        hf, model, params = build(cfg, tmp, "pythia", "GPTNeoXForCausalLM")
+        print(f"forward {name} ...", file=sys.stderr, flush=True)
+        rows.append((f"forward, {name}", "batch 8 x 128", bench_forward(hf, model, params, 8, 128, fwd_reps)))
+        print(f"generate {name} ...", file=sys.stderr, flush=True)
+        r = bench_generate(hf, model, params, 8, 16, new_tokens, gen_reps)
+        rows.append((f"greedy generate, {name}", f"batch 8, prompt 16, +{new_tokens} tokens", r))
+        del hf, model, params
 
     header = (
         f"Date {datetime.date.today()}; {platform.machine()} CPU, {args.threads} threads for both "
