@@ -376,3 +376,16 @@ def test_qlora_ppo_step_trains_adapters_and_value_head_over_an_int8_base(base_di
     assert set(reloaded) == {jax.tree_util.keystr(p) for p, _ in leaves}
     for p, x in leaves:
         np.testing.assert_array_equal(reloaded[jax.tree_util.keystr(p)], np.asarray(x))
+
+
+def test_sft_with_frozen_adapters_only_is_refused(lm, tiny_tokenizer, tmp_path):
+    """A PEFT model whose adapters are frozen (inference_mode=True) would train nothing: refused."""
+    from rljax.trainers.sft import SFTConfig, SFTTrainer
+
+    module, params = lm
+    frozen = get_peft_model((module, params), LoraConfig(r=4, inference_mode=True))
+    args = SFTConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, report_to=[],
+                     save_strategy="no")
+    with pytest.raises(ValueError, match="no trainable parameters.*is_trainable=True"):
+        SFTTrainer(frozen, args=args, train_dataset=[{"text": "the movie was great"}] * 4,
+                   tokenizer=tiny_tokenizer, dataset_text_field="text", max_seq_length=16)

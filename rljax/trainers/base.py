@@ -1278,7 +1278,13 @@ def peft_setup(module: Any, params: Any, model_object: Any = None) -> Tuple[Any,
     if params is None or not is_peft_module(module):
         return None, None
     config = getattr(model_object, "lora_config", None) or LoraConfig()
-    return config, trainable_mask(params, config)
+    mask = trainable_mask(params, config)
+    if not any(jax.tree_util.tree_leaves(mask)):
+        raise ValueError("The PEFT model has no trainable parameters: its adapters are frozen "
+                         "(LoraConfig(inference_mode=True), or PeftModel.from_pretrained without "
+                         "is_trainable=True) and no modules_to_save; training would change nothing. "
+                         "Load the adapter with is_trainable=True or pass a trainable peft_config.")
+    return config, mask
 
 
 def apply_overrides(config: Any, overrides: Dict[str, Any], owner: str) -> Any:
