@@ -4,8 +4,9 @@ with tiny local models (a 2-layer GPT-2 and a 2-layer Llama saved in tmp dirs) i
 
 The T5 cases run on a tiny random rljax T5 (``AutoModelForSeq2SeqLM``, vocabulary of the session
 tokenizer, which here appends eos like T5's) instead of
-``trl-internal-testing/tiny-T5ForConditionalGeneration-correct-vocab``. PEFT/LoRA/bitsandbytes cases
-belong to other rljax issues and are skipped with that reason. ``generate_during_eval=True`` is refused whether or not wandb is installed (README,
+``trl-internal-testing/tiny-T5ForConditionalGeneration-correct-vocab``. The PEFT/LoRA cases run on
+``rljax.models.peft``; those that need what rljax refuses (4-bit loading without adapters, a PeftModel
+plus peft_config, ``generate_during_eval``) are skipped with that reason. ``generate_during_eval=True`` is refused whether or not wandb is installed (README,
 "Deliberate differences"). Parameters are compared as pytrees (no ``named_parameters``).
 """
 import copy
