@@ -42,6 +42,8 @@ class Spec:
 
 # Short modes of the scripts we know (read from their argparse definitions).
 KNOWN: Dict[str, Spec] = {
+    "bench_ddpo.py": Spec(quick=("--quick",),
+                          note="needs the TRL 0.7.11 venv with diffusers/peft: bash experiments/benchmarks/trl_env.sh"),
     "bench_models.py": Spec(quick=("--quick",)),
     "bench_ppo.py": Spec(quick=("--models", "tiny", "--iters", "1"),
                          note="needs the TRL 0.7.11 venv: bash experiments/benchmarks/trl_env.sh"),
