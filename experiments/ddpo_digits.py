@@ -14,7 +14,7 @@
    ``reward_curve.png`` and ``samples_before_after.png`` in ``--output_dir``.
 
 The scheduler uses ``beta_start=0.002`` (diffusers' default 1e-4): the last DDIM step goes to
-timestep 0, whose standard deviation is about ``sqrt(beta_start)``; at 1e-4 (0.01) any parameter
+timestep 0, whose standard deviation is about ``sqrt(beta_start / 2)``; at 1e-4 (0.007) any parameter
 change moves that step's log-ratio far outside the clip range, those terms dominate the clipped
 gradient, and training drifts the same way whatever the reward's sign (notes/ddpo.md).
 
