@@ -25,7 +25,6 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from rljax.core import logprobs_from_logits
 from rljax.losses import DPO_LOSS_TYPES, dpo_loss, get_batch_logps
 from rljax.sharding import (
     batch_sharding,
@@ -62,16 +61,7 @@ def seq2seq_batch_logps(
     (``average_log_prob``: averaged) log-probs of ``labels [B, T]`` (``label_pad_token_id`` = not
     counted) under ``logits [B, T, V]``, WITHOUT the shift of :func:`get_batch_logps`:
     ``logits[:, t]`` scores ``labels[:, t]`` (the decoder read the labels shifted right)."""
-    logits, labels = jnp.asarray(logits), jnp.asarray(labels)
-    if logits.shape[:-1] != labels.shape:
-        raise ValueError(f"Logits (batch and sequence length dim) {logits.shape[:-1]} and labels {labels.shape} "
-                         "must have the same shape.")
-    mask = labels != label_pad_token_id
-    per_token = logprobs_from_logits(logits, jnp.where(mask, labels, 0))
-    total = jnp.sum(jnp.where(mask, per_token, 0.0), axis=-1)
-    if average_log_prob:
-        return total / jnp.sum(mask, axis=-1)
-    return total
+    return get_batch_logps(logits, labels, average_log_prob, label_pad_token_id, is_encoder_decoder=True)
 
 
 def decoder_inputs_from_labels(labels: jax.Array, config: Any, label_pad_token_id: int = -100) -> jax.Array:

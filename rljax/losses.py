@@ -33,14 +33,16 @@ DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "kto_pair")
 # --------------------------------------------------------------------------
 
 
-def _shifted_token_logps(logits: Array, labels: Array, ignore_index: int) -> Tuple[Array, Array]:
-    """Log-prob of labels[:, 1:] under logits[:, :-1], and the not-ignored mask.
+def _shifted_token_logps(logits: Array, labels: Array, ignore_index: int, shift: bool = True) -> Tuple[Array, Array]:
+    """Log-prob of labels[:, 1:] under logits[:, :-1] (``shift=False``: of labels[:, t] under
+    logits[:, t], an encoder-decoder's decoder), and the not-ignored mask.
 
-    Returns (per_token_logps, loss_mask), both [batch, seq-1]; ignored
+    Returns (per_token_logps, loss_mask), both [batch, seq-1] ([batch, seq] unshifted); ignored
     positions hold an arbitrary finite value in per_token_logps.
     """
-    logits = _at_least_f32(logits)[:, :-1, :]
-    labels = jnp.asarray(labels)[:, 1:]
+    logits, labels = _at_least_f32(logits), jnp.asarray(labels)
+    if shift:
+        logits, labels = logits[:, :-1, :], labels[:, 1:]
     loss_mask = labels != ignore_index
     safe_labels = jnp.where(loss_mask, labels, 0).astype(jnp.int32)
     picked = jnp.take_along_axis(logits, safe_labels[..., None], axis=-1)[..., 0]
@@ -63,18 +65,20 @@ def get_batch_logps(
     labels: ArrayLike,
     average_log_prob: bool = False,
     label_pad_token_id: int = -100,
+    is_encoder_decoder: bool = False,
 ) -> Array:
-    """Sequence log-probability of `labels` (decoder-only, as TRL's DPO).
+    """Sequence log-probability of `labels` (TRL's DPO ``get_batch_logps``).
 
     logits: [batch, seq, V]; labels: [batch, seq] with `label_pad_token_id` on
-    positions that do not count (prompt, padding). Labels are shifted by one:
-    logits[:, :-1] score labels[:, 1:]. Returns [batch]: the sum of token
+    positions that do not count (prompt, padding). Decoder-only, labels are shifted by one:
+    logits[:, :-1] score labels[:, 1:]; `is_encoder_decoder` (TRL's flag): no shift,
+    logits[:, t] scores labels[:, t]. Returns [batch]: the sum of token
     log-probs, or their mean over counted tokens when `average_log_prob`
     (a row with no counted token then gives NaN, as in TRL).
     """
     logits, labels = jnp.asarray(logits), jnp.asarray(labels)
     _check_logits_labels(logits, labels)
-    per_token, loss_mask = _shifted_token_logps(logits, labels, label_pad_token_id)
+    per_token, loss_mask = _shifted_token_logps(logits, labels, label_pad_token_id, shift=not is_encoder_decoder)
     total = jnp.sum(per_token * loss_mask, axis=-1)
     if average_log_prob:
         return total / jnp.sum(loss_mask, axis=-1)
