@@ -263,8 +263,10 @@ def _check_shapes(model, input_ids, attention_mask, max_new_tokens: int) -> None
         )
 
 
-def check_token_range(model, ids, name: str = "input_ids",
-                      fix: str = "pad prompts with the pad token id and tokenize with the model's own tokenizer.") -> None:
+def check_token_range(
+    model, ids, name: str = "input_ids",
+    fix: str = "pad prompts with the pad token id and tokenize with the model's own tokenizer.",
+) -> None:
     """Host check of concrete token ids (any shape): every id (pad positions too: they are
     embedded) must be in ``[0, vocab_size)``; an id outside gives NaN embeddings (JAX fills
     out-of-range lookups) instead of an error. ``name`` and ``fix`` word the ValueError for
@@ -464,6 +466,26 @@ _JIT_CACHE: "collections.OrderedDict[Any, Callable]" = collections.OrderedDict()
 _JIT_CACHE_SIZE = 64
 
 
+def _with_traced_limit(jitted: Callable, core: Callable, max_new_tokens: int) -> Callable:
+    """``fn(params, ids, mask, rng, new_tokens_limit=None)`` over ``jitted``, always passing the limit
+    as an int32 array (None: ``max_new_tokens``). One program serves calls with and without a limit:
+    jit keys on the argument list, and a Python int (weakly typed) keys apart from an int32 array."""
+
+    def limit_of(new_tokens_limit):
+        return jnp.asarray(max_new_tokens if new_tokens_limit is None else new_tokens_limit, jnp.int32)
+
+    def fn(params, input_ids, attention_mask, rng, new_tokens_limit=None):
+        return jitted(params, input_ids, attention_mask, rng, limit_of(new_tokens_limit))
+
+    def lower(params, input_ids, attention_mask, rng, new_tokens_limit=None):
+        return jitted.lower(params, input_ids, attention_mask, rng, limit_of(new_tokens_limit))
+
+    fn.__wrapped__ = core  # rljax.rollout.generation_temperature reads the settings there
+    fn.lower = lower
+    fn._cache_size = jitted._cache_size  # the number of compiled programs (tests)
+    return fn
+
+
 def _cached_fn(model, settings: GenerationSettings, jit: bool) -> Callable:
     core = functools.partial(_generate, model, settings)
     if not jit:
@@ -476,7 +498,7 @@ def _cached_fn(model, settings: GenerationSettings, jit: bool) -> Callable:
     if key in _JIT_CACHE:
         _JIT_CACHE.move_to_end(key)
         return _JIT_CACHE[key][1]
-    fn = jax.jit(core)
+    fn = _with_traced_limit(jax.jit(core), core, settings.max_new_tokens)
     _JIT_CACHE[key] = (model, fn)
     while len(_JIT_CACHE) > _JIT_CACHE_SIZE:
         _JIT_CACHE.popitem(last=False)
@@ -555,7 +577,8 @@ def generate(
     (the same key gives the same output). Settings follow HF ``generate``:
     greedy when ``do_sample=False``; otherwise temperature, then top-k
     (0 = off; HF's own default is 50, TRL's PPO examples pass 0), then top-p
-    (nucleus; 1.0 = off) filter the logits before sampling. ``min_new_tokens`` masks eos to -inf for the first steps. A row
+    (nucleus; 1.0 = off) filter the logits before sampling. ``min_new_tokens``
+    masks eos to -inf for the first steps. A row
     stops at its first eos (``eos_token_id``: an int or several ids) and
     is filled with ``pad_token_id`` after it; the loop ends early once every row
     has stopped. ``return_logprobs`` adds the RAW model logprobs of the chosen
