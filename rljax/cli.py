@@ -35,8 +35,9 @@ GRPO and RLOO run the ``GRPOTrainer`` / ``RLOOTrainer`` shells (``GRPOConfig`` /
 and one jitted update; the rewards are Python functions on the decoded texts
 (``--reward_funcs pkg.module.function ...``, TRL's ``reward_func(prompts, completions,
 completion_ids, **columns)``) and/or a sequence-score checkpoint (``--reward_model DIR``).
-Metrics go to ``output_dir/metrics.jsonl`` (plus ``--report_to``); the final policy to
-``--output_dir``. For a JAX reward, ``rljax.grpo.make_train`` / ``rljax.rloo.make_train`` run
+Metrics go to ``output_dir/metrics.jsonl`` (plus ``--report_to``); checkpoints to
+``output_dir/checkpoint-<step>/`` (every ``--save_steps`` steps and at the end, as sft); the final
+policy to ``--output_dir``. For a JAX reward, ``rljax.grpo.make_train`` / ``rljax.rloo.make_train`` run
 the whole loop as one compiled ``lax.scan`` instead.
 
 PPO uses the functional core (``rljax.ppo_train.make_train``), not the ``PPOTrainer`` shell:
@@ -46,8 +47,9 @@ as ``rljax reward`` writes, sharing the policy's tokenizer) applied as a JAX fun
 ``lax.scan`` with no Python between them. Metrics go to stdout and ``output_dir/metrics.jsonl``
 (plus TensorBoard / W&B with ``--log_with``); sample generations to ``samples.md``.
 
-``--resume_from_checkpoint DIR`` continues a run: for sft/reward/dpo a ``checkpoint-<step>``
-directory written every ``--save_steps`` updates (or the output_dir holding them); for ppo the
+``--resume_from_checkpoint DIR`` continues a run: for sft/reward/dpo/grpo/rloo a
+``checkpoint-<step>`` directory written every ``--save_steps`` updates (grpo/rloo: steps, i.e.
+generation batches) or the output_dir holding them (the newest intact one); for ppo the
 ``checkpoints`` directory (or the output_dir holding it) written every ``--save_steps``
 iterations. The final model is saved (HF format, with the tokenizer) to ``--output_dir``.
 """
@@ -828,9 +830,6 @@ def _online_inputs(config, script: OnlineScriptArguments, command: str):
     """(model, tokenizer, train rows, reward functions) of ``rljax grpo|rloo``."""
     from rljax.models import from_pretrained
 
-    if config.resume_from_checkpoint:
-        raise ValueError(f"`rljax {command}` cannot resume yet (no checkpoints are written); drop "
-                         "--resume_from_checkpoint.")
     tokenizer = load_tokenizer(script, command)
     train, _ = load_dataset_splits(_require(script.dataset_name, "dataset_name", command), script.dataset_train_split,
                                    None)

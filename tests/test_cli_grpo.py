@@ -1,7 +1,8 @@
 """rljax.cli grpo / rloo: flags from GRPOConfig / RLOOConfig (the fields generated from the
 algorithm's settings included, with their --help text), YAML defaults, clear errors for a
 missing reward or a bad import path, and one tiny end-to-end run of each subcommand (a Python
-reward function given by import path, and a reward-model checkpoint)."""
+reward function given by import path, and a reward-model checkpoint) that saves checkpoints and
+is resumed from one."""
 import json
 
 import numpy as np
@@ -13,9 +14,19 @@ SUBJECTS = ["the movie", "the film", "the plot", "the acting"]
 WORDS = ["great", "wonderful", "fun", "terrible", "boring", "awful"]
 
 REWARDS_MODULE = '''
-def long_answers(prompts, completions, completion_ids, label, **kwargs):
-    """One point per completion token, plus the row's label (a dataset column)."""
-    return [float(len(ids)) + float(lab) for ids, lab in zip(completion_ids, label)]
+SEEN = {}
+
+
+def odd_tokens(prompts, completions, completion_ids, label, **kwargs):
+    """One point per odd token id of the completion (varies within a group), plus the row's label
+    (a dataset column)."""
+    SEEN.setdefault("prompts", list(prompts))
+    return [float(sum(t % 2 for t in ids)) + float(lab) for ids, lab in zip(completion_ids, label)]
+
+
+def not_applicable(prompts, completions, **kwargs):
+    """TRL's None: "this reward does not apply" (counted as 0 in the weighted sum)."""
+    return [None] * len(completions)
 '''
 
 
@@ -90,34 +101,67 @@ def test_grpo_needs_a_reward_and_a_valid_import_path(assets, tmp_path):
         cli.main(["rloo", *common[:-4], "--reward_model", str(assets / "rm"), "--output_dir", str(tmp_path / "o")])
 
 
+def _params(path):
+    import jax
+
+    from rljax.models import from_pretrained
+
+    _, params = from_pretrained(str(path))  # the policy saved there loads
+    return jax.tree_util.tree_leaves(params)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("command", ["grpo", "rloo"])
-def test_end_to_end_trains_logs_and_saves(assets, tmp_path, monkeypatch, command):
-    """grpo: the Python reward function by import path (a dataset column as its keyword); rloo:
-    the reward-model checkpoint. Two steps each, logged to metrics.jsonl; the policy loads."""
+def test_end_to_end_trains_logs_saves_and_resumes(assets, tmp_path, monkeypatch, command):
+    """The GRPOTrainer / RLOOTrainer shells through the CLI. grpo: two Python reward functions by
+    import path (a dataset column as a keyword, one returning None: "not applicable"; weighted),
+    called once per step on groups of completions; rloo: the reward-model checkpoint. Three steps
+    each, logged to metrics.jsonl (TRL's keys), checkpoints at steps 2 and 3 (--save_steps 2, and
+    the end); then a second run resumes from checkpoint-2 into another output_dir
+    (--resume_from_checkpoint): its step 3 (prompts, samples, rewards, update) and its final policy
+    equal the uninterrupted run's."""
     monkeypatch.syspath_prepend(str(assets))
     out_dir = tmp_path / command
     common = ["--model_name_or_path", str(assets / "model"), "--dataset_name", str(assets / "prompts.jsonl"),
-              "--dataset_prompt_field", "question", "--max_steps", "2", "--logging_steps", "1",
-              "--learning_rate", "1e-3", "--output_dir", str(out_dir)]
+              "--dataset_prompt_field", "question", "--max_steps", "3", "--logging_steps", "1", "--save_steps", "2",
+              "--learning_rate", "1e-2"]
     if command == "grpo":
-        args = [*common, "--reward_funcs", "cli_grpo_rewards.long_answers", "--per_device_train_batch_size", "4",
-                "--num_generations", "2", "--max_completion_length", "4", "--beta", "0.04"]
-        keys = ("reward", "reward_std", "kl", "completions/mean_length", "rewards/long_answers/mean")
+        args = [*common, "--reward_funcs", "cli_grpo_rewards.odd_tokens", "cli_grpo_rewards.not_applicable",
+                "--reward_weights", "1.0", "2.0", "--per_device_train_batch_size", "4", "--num_generations", "2",
+                "--max_completion_length", "4", "--max_prompt_length", "8", "--beta", "0.04"]
+        keys = ("reward", "reward_std", "kl", "completions/mean_length", "clip_ratio/region_mean", "loss", "entropy",
+                "rewards/odd_tokens/mean")
     else:
         args = [*common, "--reward_model", str(assets / "rm"), "--per_device_train_batch_size", "4", "--rloo_k", "2",
                 "--response_length", "4", "--num_ppo_epochs", "1"]
-        keys = ("objective/scores", "objective/kl", "reward", "kl", "completion_length", "clip_ratio")
-    result = cli.main([command, *args])
-    assert result["global_step"] == 2
+        keys = ("objective/scores", "objective/kl", "objective/rlhf_reward", "policy/clipfrac_avg", "val/ratio",
+                "reward", "kl", "completion_length", "clip_ratio")
+    result = cli.main([command, *args, "--output_dir", str(out_dir)])
+    assert result["global_step"] == 3
     rows = _metrics(out_dir)
-    assert [r["step"] for r in rows] == [1, 2]
+    assert [r["step"] for r in rows] == [1, 2, 3]
     for key in keys:
         assert key in rows[-1] and np.isfinite(rows[-1][key]), key
-    if command == "grpo":  # 1 point per token + label: at least the label mean, at most 4 + 1
-        assert 0.0 <= rows[-1]["reward"] <= 5.0
-    with open(out_dir / "train_results.json") as f:
-        assert json.load(f)["global_step"] == 2
-    from rljax.models import from_pretrained
+    if command == "grpo":  # 1 point per odd token + label (+ 2 x None = 0): from 0 to 4 + 1
+        assert 0.0 <= rows[-1]["reward"] <= 5.0 and rows[-1]["reward_std"] > 0.0
+        assert "rewards/not_applicable/mean" in rows[-1]  # all None: NaN, not an error
+        import cli_grpo_rewards
 
-    from_pretrained(str(out_dir))  # the trained policy loads
+        prompts = cli_grpo_rewards.SEEN["prompts"]
+        assert len(prompts) == 4 and prompts[0] == prompts[1] and prompts[2] == prompts[3]  # 2 groups of 2
+    with open(out_dir / "train_results.json") as f:
+        assert json.load(f)["global_step"] == 3
+    assert sorted(p.name for p in out_dir.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    final = _params(out_dir)
+
+    resumed_dir = tmp_path / f"{command}_resumed"
+    result = cli.main([command, *args, "--output_dir", str(resumed_dir),
+                       "--resume_from_checkpoint", str(out_dir / "checkpoint-2")])
+    assert result["global_step"] == 3
+    (resumed,) = _metrics(resumed_dir)  # only the step it ran
+    assert resumed.keys() == rows[2].keys()
+    np.testing.assert_allclose([resumed[k] for k in rows[2]], list(rows[2].values()), rtol=1e-6, atol=1e-7)
+    for x, y in zip(_params(resumed_dir), final):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
+    before = _params(out_dir / "checkpoint-2")
+    assert any(not np.allclose(x, y) for x, y in zip(before, final))  # step 3 did change the params

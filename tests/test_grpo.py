@@ -1,7 +1,9 @@
 """rljax.grpo: the advantage and loss math against later TRL's ``GRPOTrainer`` (v0.21,
 ``_generate_and_score_completions`` and ``_compute_loss`` restated in torch below), the corner
 cases (a group with equal rewards, all-truncated completions, ``beta = 0`` running no
-reference forward), and one compiled ``make_train`` that learns.
+reference forward), and one compiled ``make_train`` shared by the "learns" and "equal rewards"
+checks. The ``GRPOTrainer`` shell (Python rewards on texts, TRL's log keys, checkpoints and
+resuming) is tested through ``rljax grpo`` in tests/test_cli_grpo.py.
 
 The torch helpers transcribe TRL's formulas (the paper's: group-normalised rewards, the
 clipped surrogate, the k3 KL estimator ``exp(ref - logp) - (ref - logp) - 1``).
@@ -25,7 +27,6 @@ from rljax.grpo import (
     grpo_loss,
     is_truncated,
     make_grpo_rollout,
-    make_grpo_step,
     make_train,
 )
 from rljax.models import init_params, model_from_config
@@ -251,79 +252,51 @@ def test_beta_zero_runs_no_reference_forward(tiny, beta, forwards):
     assert batch.completions.shape == (4, 6)
 
 
-def test_a_step_whose_groups_all_have_equal_rewards_leaves_the_params_unchanged(tiny):
-    """Equal rewards in every group: zero advantages, zero policy gradient; with ``beta = 0``
-    the update is exactly zero, and ``frac_reward_zero_std`` is 1."""
-    s = GRPOSettings(num_generations=2, generation_batch_size=4, max_completion_length=6)
-    tx = optax.adam(1e-2)
-    state = GRPOTrainState.create(tiny["params"], tx)
-    rollout = jax.jit(make_grpo_rollout(tiny["lm"], tiny["gen"], s, eos_token_id=EOS))
-    batch = rollout(state, tiny["prompts"][:2], np.ones((2, 4), np.int32), jax.random.PRNGKey(0))
-    step = jax.jit(make_grpo_step(tiny["lm"], s, tx))
-    new, stats = step(state, batch, jnp.asarray([[1.0], [1.0], [0.0], [0.0]]))
-    jax.tree_util.tree_map(np.testing.assert_array_equal, new.params, state.params)
-    assert float(stats["frac_reward_zero_std"]) == 1.0 and float(stats["reward_std"]) == 0.0
-    assert int(new.step) == 1
+LEARN_STEPS = 12
 
 
-@pytest.mark.slow
-def test_make_train_learns_with_reuse_of_the_rollout_and_a_kl_term(tiny):
-    """``num_iterations=2`` x ``steps_per_generation=2`` (old log-probs from the rollout), beta > 0,
-    two weighted reward functions: the weighted reward rises, the KL stays finite and the
-    clipping is active."""
+@pytest.fixture(scope="module")
+def compiled_train(tiny):
+    """ONE compiled ``make_train`` (shared by the two checks below): ``num_iterations=2`` x
+    ``steps_per_generation=2`` (old log-probs from the rollout), ``beta > 0``, two reward
+    functions scaled by ``reward_params`` [2] (0 makes every reward 0 or NaN)."""
     s = GRPOSettings(num_generations=4, generation_batch_size=16, max_completion_length=6, beta=0.04,
                      num_iterations=2, steps_per_generation=2, reward_weights=(1.0, 0.5), epsilon_high=0.28)
     tx = optax.adam(3e-2)
 
-    def count_fives(_, b: GRPOBatch):
-        return ((b.completions == 5) * b.completion_mask).sum(-1).astype(jnp.float32)
+    def count_fives(w, b: GRPOBatch):
+        return w[0] * ((b.completions == 5) * b.completion_mask).sum(-1).astype(jnp.float32)
 
-    def ends(_, b: GRPOBatch):  # NaN = "does not apply" for truncated rows (TRL's None)
-        return jnp.where(b.truncated, jnp.nan, 1.0)
+    def ends(w, b: GRPOBatch):  # NaN = "does not apply" for truncated rows (TRL's None)
+        return w[1] * jnp.where(b.truncated, jnp.nan, 1.0)
 
-    train = jax.jit(make_train(tiny["lm"], s, tiny["gen"], [count_fives, ends], 12, tx, eos_token_id=EOS))
+    train = jax.jit(make_train(tiny["lm"], s, tiny["gen"], [count_fives, ends], LEARN_STEPS, tx, eos_token_id=EOS))
     state = GRPOTrainState.create(tiny["params"], tx, ref_params=tiny["params"])
-    final, stats = train(state, None, tiny["prompts"], np.ones_like(tiny["prompts"]))
-    per_func = np.asarray(stats["rewards/mean_per_func"])  # [12, 2]
-    assert per_func.shape == (12, 2)
-    assert per_func[-3:, 0].mean() > per_func[:3, 0].mean() + 2.0, per_func[:, 0]
-    assert np.all(np.isfinite(np.asarray(stats["kl"]))) and np.asarray(stats["kl"]).max() > 0
-    assert np.asarray(stats["clip_ratio/region_mean"]).max() > 0
-    assert int(final.step) == 12
+    return lambda weights: (state, *train(state, jnp.asarray(weights, jnp.float32), tiny["prompts"],
+                                          np.ones_like(tiny["prompts"])))
 
 
-# --------------------------------------------------------------------------------------------
-# The TRL-style shell
-# --------------------------------------------------------------------------------------------
+def test_groups_with_equal_rewards_leave_the_params_unchanged(compiled_train):
+    """Every reward 0 (or NaN, "not applicable", counted as 0): equal rewards in every group, zero
+    advantages, zero policy gradient; the KL term's gradient is zero at the reference (k3's
+    derivative ``1 - exp(ref - logp)`` vanishes there), so after 12 iterations (48 updates) the
+    params are exactly the initial ones, ``frac_reward_zero_std`` is 1 and the KL 0."""
+    state, final, stats = compiled_train([0.0, 0.0])
+    jax.tree_util.tree_map(np.testing.assert_array_equal, final.params, state.params)
+    np.testing.assert_array_equal(np.asarray(stats["frac_reward_zero_std"]), 1.0)
+    np.testing.assert_array_equal(np.asarray(stats["reward_std"]), 0.0)
+    np.testing.assert_array_equal(np.asarray(stats["kl"]), 0.0)
+    assert int(final.step) == LEARN_STEPS
 
 
 @pytest.mark.slow
-def test_grpo_trainer_shell_runs_python_text_rewards_and_logs_trls_keys(tiny_tokenizer, tmp_path):
-    from rljax.trainers.grpo import GRPOConfig, GRPOTrainer
-
-    lm = model_from_config(GPT2Config(vocab_size=len(tiny_tokenizer), n_positions=32, n_embd=16, n_layer=1, n_head=2,
-                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
-    params = init_params(lm, jax.random.PRNGKey(0))
-    seen = {}
-
-    def length_reward(prompts, completions, completion_ids, label, **kwargs):
-        seen.update(prompts=prompts, label=label)
-        return [float(len(c)) for c in completions]
-
-    def none_reward(prompts, completions, **kwargs):
-        return [None] * len(completions)
-
-    data = [{"prompt": p, "label": i} for i, p in enumerate(["the movie was", "i loved this", "what a", "the film"])]
-    args = GRPOConfig(output_dir=str(tmp_path), max_steps=2, logging_steps=1, per_device_train_batch_size=4,
-                      num_generations=2, max_completion_length=4, max_prompt_length=8, beta=0.04,
-                      learning_rate=1e-3, reward_weights=[1.0, 2.0])
-    trainer = GRPOTrainer((lm, params), [length_reward, none_reward], args, data, processing_class=tiny_tokenizer)
-    out = trainer.train()
-    assert out["global_step"] == 2 and len(trainer.log_history) == 2
-    for key in ("reward", "reward_std", "kl", "completions/mean_length", "clip_ratio/region_mean", "loss",
-                "rewards/length_reward/mean", "entropy"):
-        assert key in trainer.log_history[-1], key
-    assert len(seen["prompts"]) == 4 and seen["prompts"][0] == seen["prompts"][1]  # groups of 2
-    assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 2
-    with pytest.raises(ValueError, match="multiple of num_generations"):
-        GRPOConfig(per_device_train_batch_size=3, num_generations=2, max_steps=1)
+def test_make_train_learns_with_reuse_of_the_rollout_and_a_kl_term(compiled_train):
+    """The same program with the rewards on: the weighted reward rises, the KL stays finite and
+    the clipping is active."""
+    _, final, stats = compiled_train([1.0, 1.0])
+    per_func = np.asarray(stats["rewards/mean_per_func"])  # [12, 2]
+    assert per_func.shape == (LEARN_STEPS, 2)
+    assert per_func[-3:, 0].mean() > per_func[:3, 0].mean() + 2.0, per_func[:, 0]
+    assert np.all(np.isfinite(np.asarray(stats["kl"]))) and np.asarray(stats["kl"]).max() > 0
+    assert np.asarray(stats["clip_ratio/region_mean"]).max() > 0
+    assert int(final.step) == LEARN_STEPS

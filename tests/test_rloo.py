@@ -1,7 +1,9 @@
 """rljax.rloo: advantages and loss against TRL's ``RLOOTrainer`` (v0.19.1, ``train()`` restated
 in torch below: KL in the reward, the vectorised leave-one-out baseline on a ``[k, Bp]``
 layout, the sequence-ratio clipped loss), the corner cases (equal rewards in a group,
-``kl_coef = 0`` running no reference forward) and one compiled ``make_train`` that learns.
+``kl_coef = 0`` running no reference forward) and one compiled ``make_train`` shared by the
+"learns" and "equal scores" checks. The ``RLOOTrainer`` shell (TRL's log keys, checkpoints and
+resuming) is tested through ``rljax rloo`` in tests/test_cli_grpo.py.
 """
 import jax
 import jax.numpy as jnp
@@ -18,7 +20,6 @@ from rljax.rloo import (
     RLOOSettings,
     RLOOTrainState,
     make_rloo_rollout,
-    make_rloo_step,
     make_train,
     rloo_advantages,
     rloo_loss,
@@ -179,49 +180,39 @@ def test_kl_coef_zero_runs_no_reference_forward(tiny, kl_coef, forwards):
     assert ref.calls == forwards
 
 
-def test_equal_scores_and_no_kl_leave_the_params_unchanged(tiny):
-    """Equal scores in each group and ``kl_coef = 0``: zero advantages, an exactly zero update."""
-    s = RLOOSettings(rloo_k=2, batch_size=4, kl_coef=0.0, num_ppo_epochs=2, num_mini_batches=2)
-    tx = optax.adam(1e-2)
-    state = RLOOTrainState.create(tiny["params"], tx)
-    batch = jax.jit(make_rloo_rollout(tiny["lm"], tiny["gen"], s, eos_token_id=EOS))(
-        state, tiny["prompts"][:2], np.ones((2, 4), np.int32), jax.random.PRNGKey(0))
-    new, stats = jax.jit(make_rloo_step(tiny["lm"], s, tx))(state, batch, jnp.asarray([1.0, 1.0, 3.0, 3.0]))
-    jax.tree_util.tree_map(np.testing.assert_array_equal, new.params, state.params)
-    np.testing.assert_allclose(stats["val/ratio"], 1.0, rtol=1e-6)
+LEARN_STEPS = 10
 
 
-@pytest.mark.slow
-def test_make_train_learns_a_token_counting_reward(tiny):
+@pytest.fixture(scope="module")
+def compiled_train(tiny):
+    """ONE compiled ``make_train`` (shared by the two checks below): ``rloo_k=4``, a KL to the
+    reference in the reward, 2 epochs x 2 mini-batches per rollout; the score (number of token-5s)
+    is scaled by ``reward_params`` (0: every score 0)."""
     s = RLOOSettings(rloo_k=4, batch_size=16, kl_coef=0.05, num_ppo_epochs=2, num_mini_batches=2)
     tx = optax.adam(3e-2)
 
-    def count_fives(_, b: RLOOBatch):
-        return ((b.completions == 5) * b.completion_mask).sum(-1).astype(jnp.float32)
+    def count_fives(w, b: RLOOBatch):
+        return w * ((b.completions == 5) * b.completion_mask).sum(-1).astype(jnp.float32)
 
-    train = jax.jit(make_train(tiny["lm"], s, tiny["gen"], count_fives, 10, tx, eos_token_id=EOS))
+    train = jax.jit(make_train(tiny["lm"], s, tiny["gen"], count_fives, LEARN_STEPS, tx, eos_token_id=EOS))
     state = RLOOTrainState.create(tiny["params"], tx, ref_params=tiny["params"])
-    final, stats = train(state, None, tiny["prompts"], np.ones_like(tiny["prompts"]))
+    return lambda w: (state, *train(state, jnp.float32(w), tiny["prompts"], np.ones_like(tiny["prompts"])))
+
+
+def test_equal_scores_leave_the_params_unchanged(compiled_train):
+    """Equal scores in each group and a policy at its reference (KL penalty 0): zero advantages,
+    an exactly zero update in every epoch and mini-batch, ratios exactly 1, for all 10 rollouts."""
+    state, final, stats = compiled_train(0.0)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, final.params, state.params)
+    np.testing.assert_array_equal(np.asarray(stats["val/ratio"]), 1.0)
+    np.testing.assert_array_equal(np.asarray(stats["objective/kl"]), 0.0)
+
+
+@pytest.mark.slow
+def test_make_train_learns_a_token_counting_reward(compiled_train):
+    _, final, stats = compiled_train(1.0)
     reward = np.asarray(stats["objective/scores"])
     assert reward[-3:].mean() > reward[:3].mean() + 2.0, reward
     assert np.all(np.isfinite(np.asarray(stats["objective/kl"])))
     assert np.asarray(stats["objective/kl"])[-1] > 0
-    assert int(final.step) == 10
-
-
-@pytest.mark.slow
-def test_rloo_trainer_shell_runs_python_text_rewards_and_logs_trls_keys(tiny_tokenizer, tmp_path):
-    from rljax.trainers.rloo import RLOOConfig, RLOOTrainer
-
-    lm = model_from_config(GPT2Config(vocab_size=len(tiny_tokenizer), n_positions=32, n_embd=16, n_layer=1, n_head=2,
-                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
-    params = init_params(lm, jax.random.PRNGKey(0))
-    data = [{"prompt": p} for p in ["the movie was", "i loved this", "what a", "the film"]]
-    args = RLOOConfig(output_dir=str(tmp_path), max_steps=2, logging_steps=1, per_device_train_batch_size=4,
-                      rloo_k=2, response_length=4, num_ppo_epochs=1, learning_rate=1e-3)
-    trainer = RLOOTrainer((lm, params), lambda prompts, completions, **kw: [len(c) for c in completions], args, data,
-                          processing_class=tiny_tokenizer)
-    trainer.train()
-    for key in ("objective/kl", "objective/rlhf_reward", "objective/scores", "policy/clipfrac_avg", "val/ratio",
-                "reward", "kl", "completion_length", "clip_ratio"):
-        assert key in trainer.log_history[-1], key
+    assert int(final.step) == LEARN_STEPS

@@ -11,7 +11,6 @@ from rljax.models import init_params, model_from_config
 from rljax.models.gpt2 import GPT2Config
 from rljax.sweep import (
     curves,
-    injected_adam,
     make_sweep,
     plot_curves,
     stack,
@@ -22,13 +21,20 @@ from rljax.sweep import (
 )
 
 VOCAB, PAD, EOS, STEPS = 32, 0, 2, 2
-SEEDS, LRS = [0, 1], [3e-2, 1e-2]
+SEEDS, LRS = [0, 1], [0.3, 0.1]
 # vmap batches the matmuls: float32 results may differ in the last bits from the single run.
 RTOL, ATOL = 1e-4, 1e-5
-# Some gradients are zero in exact arithmetic (attention's key bias: softmax is shift-invariant) and
-# float noise (~1e-9) in practice; Adam with eps=1e-8 would turn that noise into +-lr updates that
-# differ between two equal programs. A larger eps keeps noise as noise.
-ADAM_EPS = 1e-4
+
+
+def injected_sgd(learning_rate: float):
+    """SGD with the learning rate as a state leaf (what ``with_learning_rates`` sweeps). Not Adam:
+    some gradients are zero in exact arithmetic (attention's key bias: softmax is shift-invariant)
+    and float noise (~1e-9) in practice, and Adam's normalisation turns that noise into updates of
+    up to +-lr that differ between two equal programs (seen with eps=1e-4: 1.1e-5 apart). SGD keeps
+    noise as noise."""
+    import optax
+
+    return optax.inject_hyperparams(optax.sgd)(learning_rate=learning_rate)
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +43,8 @@ def tiny():
                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1,
                                       eos_token_id=EOS))
     params = init_params(lm, jax.random.PRNGKey(0))
-    gen = make_generate_fn(lm, max_new_tokens=5, do_sample=True, eos_token_id=EOS, pad_token_id=PAD, jit=False)
-    prompts = np.random.RandomState(0).randint(3, VOCAB, (8, 3)).astype(np.int32)
+    gen = make_generate_fn(lm, max_new_tokens=3, do_sample=True, eos_token_id=EOS, pad_token_id=PAD, jit=False)
+    prompts = np.random.RandomState(0).randint(3, VOCAB, (4, 3)).astype(np.int32)
     return dict(lm=lm, params=params, gen=gen, prompts=prompts, mask=np.ones_like(prompts))
 
 
@@ -50,14 +56,14 @@ def build(name, tiny):
     """(train, state) of one algorithm with an injected-learning-rate optimizer."""
     lm, params, gen = tiny["lm"], tiny["params"], tiny["gen"]
     if name == "grpo":
-        tx = injected_adam(1e-2, eps=ADAM_EPS)
-        s = grpo.GRPOSettings(num_generations=2, generation_batch_size=8, max_completion_length=5, beta=0.04)
+        tx = injected_sgd(0.1)
+        s = grpo.GRPOSettings(num_generations=2, generation_batch_size=4, max_completion_length=3, beta=0.04)
         train = grpo.make_train(lm, s, gen, lambda _, b: fives(b.completions, b.completion_mask), STEPS, tx,
                                 eos_token_id=EOS)
         return train, grpo.GRPOTrainState.create(params, tx, ref_params=params)
     if name == "rloo":
-        tx = injected_adam(1e-2, eps=ADAM_EPS)
-        s = rloo.RLOOSettings(rloo_k=2, batch_size=8, num_ppo_epochs=2, num_mini_batches=2)
+        tx = injected_sgd(0.1)
+        s = rloo.RLOOSettings(rloo_k=2, batch_size=4, num_ppo_epochs=1, num_mini_batches=2)
         train = rloo.make_train(lm, s, gen, lambda _, b: fives(b.completions, b.completion_mask), STEPS, tx,
                                 eos_token_id=EOS)
         return train, rloo.RLOOTrainState.create(params, tx, ref_params=params)
@@ -66,10 +72,10 @@ def build(name, tiny):
     from rljax.ppo_train import PPOTrainState, make_train
 
     model = AutoModelForCausalLMWithValueHead.from_lm(lm, params, summary_dropout_prob=0.0)
-    vgen = make_generate_fn(model.module, max_new_tokens=5, do_sample=True, eos_token_id=EOS, pad_token_id=PAD,
+    vgen = make_generate_fn(model.module, max_new_tokens=3, do_sample=True, eos_token_id=EOS, pad_token_id=PAD,
                             jit=False)
-    config = PPOConfig(batch_size=8, mini_batch_size=4, ppo_epochs=2, learning_rate=1e-2, seed=0)
-    tx = injected_adam(1e-2, eps=ADAM_EPS)
+    config = PPOConfig(batch_size=4, mini_batch_size=2, ppo_epochs=1, learning_rate=0.1, seed=0)
+    tx = injected_sgd(0.1)
     train = make_train(model.module, config, vgen, lambda _, r: fives(r.responses, r.response_mask), STEPS, tx=tx)
     return train, PPOTrainState.create(model.params, model.params, config, tx=tx)
 
@@ -106,7 +112,7 @@ def test_with_learning_rates_needs_an_injected_rate_and_one_rate_per_run(tiny):
     state = grpo.GRPOTrainState.create(tiny["params"], optax.adam(1e-3))
     with pytest.raises(ValueError, match="inject_hyperparams"):
         with_learning_rates(state, [1e-3, 1e-2])
-    state = grpo.GRPOTrainState.create(tiny["params"], injected_adam(1e-3))
+    state = grpo.GRPOTrainState.create(tiny["params"], injected_sgd(1e-3))
     with pytest.raises(ValueError, match="one per run"):
         with_learning_rates(with_seeds(state, [0, 1, 2]), [1e-3, 1e-2])
     from rljax.ppo_train import learning_rate_of

@@ -84,8 +84,9 @@ class GRPOTrainer(OnlineShell):
 
     _name = "GRPO"
 
-    def __init__(self, model: Any, reward_funcs: Union[RewardFunc, Sequence[RewardFunc]], args: Optional[GRPOConfig] = None,
-                 train_dataset: Any = None, processing_class: Any = None, **kwargs: Any) -> None:
+    def __init__(self, model: Any, reward_funcs: Union[RewardFunc, Sequence[RewardFunc]],
+                 args: Optional[GRPOConfig] = None, train_dataset: Any = None, processing_class: Any = None,
+                 **kwargs: Any) -> None:
         args = args or GRPOConfig()
         super().__init__(model, reward_funcs, args, train_dataset, processing_class, **kwargs)
         self.settings = args.settings()
@@ -102,18 +103,11 @@ class GRPOTrainer(OnlineShell):
         self.state = GRPOTrainState.create(self.params, self.tx, ref_params=self.ref_params,
                                            rng=jax.random.PRNGKey(args.seed))
 
-    def _train_loop(self) -> None:
-        args, s = self.args, self.settings
-        for step in range(1, args.max_steps + 1):
-            idx = self._draw(s.num_prompts)
-            rng, key = jax.random.split(self.state.rng)
-            self.state = self.state.replace(rng=rng)
-            batch = self._rollout(self.state, self.prompts[idx], self.prompt_mask[idx], key)
-            rewards = self._rewards(idx, s.num_generations, np.asarray(batch.completions),
-                                    np.asarray(batch.completion_mask))
-            self.state, stats = self._step(self.state, batch, rewards)
-            if step % args.logging_steps == 0 or step == args.max_steps or (args.logging_first_step and step == 1):
-                self._log(step, jax.device_get(stats))
+    def _group_size(self) -> int:
+        return self.settings.num_generations
+
+    def _step_rewards(self, rewards: np.ndarray) -> np.ndarray:
+        return rewards  # [B, F]: grpo_step weights and nansums them
 
 
 __all__ = ["GRPOConfig", "GRPOTrainer"]

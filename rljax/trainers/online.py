@@ -3,7 +3,9 @@
 * ``OnlineShell``: model/tokenizer resolution, the left-padded prompt bank, shuffled prompt
   draws, Python reward functions on decoded texts at the host boundary (TRL's
   ``reward_func(prompts, completions, completion_ids, **columns) -> list[float | None]``),
-  ``log_history`` + ``output_dir/metrics.jsonl``, ``save_model``.
+  ``log_history`` + ``output_dir/metrics.jsonl``, the training loop (``train``: one jitted
+  rollout and one jitted update per step), checkpoints (``checkpoint-<step>/``) and resuming
+  from them, ``save_model``.
 * ``fields_from(settings_cls)``: a class decorator that gives a TRL-style config dataclass the
   fields of the algorithm's frozen settings (``rljax.grpo.GRPOSettings``,
   ``rljax.rloo.RLOOSettings``) with the same names, types and defaults, so the two cannot
@@ -18,11 +20,19 @@ import time
 import typing
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
+import jax
 import numpy as np
 
 from rljax.data import pad_sequences
 from rljax.generation import make_generate_fn
-from rljax.trainers.base import prepare_output_dir, resolve_model
+from rljax.trainers.base import (
+    find_resume_checkpoint,
+    prepare_output_dir,
+    resolve_model,
+    restore_train_state,
+    rotate_checkpoints,
+    save_train_state,
+)
 
 RewardFunc = Callable[..., Sequence[Optional[float]]]
 
@@ -176,21 +186,92 @@ class OnlineShell:
             self._metric_logger.close()
             self._metric_logger = None
 
-    def train(self) -> Dict[str, float]:
-        """Run ``args.max_steps`` steps of the subclass's ``_train_loop``; metric sinks are closed
-        even when a step raises. Returns ``train_runtime`` and ``global_step``."""
+    # ------------------------------------------------------------------ the loop
+
+    def _group_size(self) -> int:  # pragma: no cover - every shell defines it
+        """Completions per prompt (GRPO's ``num_generations``, RLOO's ``rloo_k``)."""
+        raise NotImplementedError
+
+    def _step_rewards(self, rewards: np.ndarray) -> np.ndarray:  # pragma: no cover - every shell defines it
+        """The jitted step's reward argument from the ``[B, F]`` rewards of the reward functions."""
+        raise NotImplementedError
+
+    def _train_step(self, step: int) -> None:
+        """One generation batch: draw prompts, roll out (jitted), score on the host, update (jitted)."""
+        idx = self._draw(self.settings.num_prompts)
+        rng, key = jax.random.split(self.state.rng)
+        self.state = self.state.replace(rng=rng)
+        batch = self._rollout(self.state, self.prompts[idx], self.prompt_mask[idx], key)
+        rewards = self._rewards(idx, self._group_size(), np.asarray(batch.completions),
+                                np.asarray(batch.completion_mask))
+        self.state, stats = self._step(self.state, batch, self._step_rewards(rewards))
         args = self.args
-        prepare_output_dir(args.output_dir, args.overwrite_output_dir)
-        start = time.time()
+        if step % args.logging_steps == 0 or step == args.max_steps or (args.logging_first_step and step == 1):
+            self._log(step, jax.device_get(stats))
+
+    def train(self, resume_from_checkpoint: Union[None, bool, str] = None) -> Dict[str, float]:
+        """Run generation batches up to ``args.max_steps``; metric sinks are closed even when a
+        step raises. Returns ``train_runtime`` and ``global_step``.
+
+        Checkpoints (HF's layout, as the other trainers): ``output_dir/checkpoint-<step>/`` holds
+        the policy (HF format, with the tokenizer) and ``train_state/`` (params, reference
+        params, optimizer state, step counter, PRNG key, the number of prompt draws so far and
+        the log history), written every ``save_steps`` steps (``save_strategy="steps"``) and at
+        the last step (unless ``save_strategy="no"``), keeping ``save_total_limit``.
+        ``resume_from_checkpoint`` (default ``args.resume_from_checkpoint``): a
+        ``checkpoint-<step>`` directory, a directory holding them (the newest intact one), or
+        True for ``args.output_dir``; the run then continues as if it had never stopped (same
+        args, dataset and reward functions required): same prompts, same samples, same updates."""
+        args = self.args
+        if resume_from_checkpoint is None:
+            resume_from_checkpoint = getattr(args, "resume_from_checkpoint", None)
+        start = 0
+        if resume_from_checkpoint not in (None, False):
+            source = args.output_dir if resume_from_checkpoint is True else resume_from_checkpoint
+            start = self._resume(find_resume_checkpoint(source))
+        else:
+            prepare_output_dir(args.output_dir, args.overwrite_output_dir)
+        begin = time.time()
         try:
-            self._train_loop()
+            for step in range(start + 1, args.max_steps + 1):
+                self._train_step(step)
+                final = step == args.max_steps and args.save_strategy != "no"
+                if final or (args.save_strategy == "steps" and args.save_steps > 0 and step % args.save_steps == 0):
+                    self._save_checkpoint(step)
         finally:
             self._close_sinks()
         self.params = self.state.params
-        return {"train_runtime": time.time() - start, "global_step": args.max_steps}
+        return {"train_runtime": time.time() - begin, "global_step": args.max_steps}
 
-    def _train_loop(self) -> None:  # pragma: no cover - every shell defines it
-        raise NotImplementedError
+    # ------------------------------------------------------------------ checkpoints
+
+    def _save_checkpoint(self, step: int) -> None:
+        """``output_dir/checkpoint-<step>/``: the policy (HF format) and the resumable ``train_state``."""
+        directory = os.path.join(self.args.output_dir, f"checkpoint-{step}")
+        self.params = self.state.params
+        self.save_model(directory)
+        # data_position: prompt draws so far (one per step); replayed on resume
+        save_train_state(directory, self.state, step, step, self.log_history)
+        rotate_checkpoints(self.args.output_dir, getattr(self.args, "save_total_limit", None))
+
+    def _resume(self, checkpoint_dir: str) -> int:
+        """Restore the train state, prompt-sampler position and log history of ``checkpoint_dir``;
+        returns its step."""
+        from rljax.logging import drop_jsonl_records_after
+
+        self.state, extra = restore_train_state(checkpoint_dir, self.state)
+        start = int(extra["step"])
+        if start > self.args.max_steps:
+            raise ValueError(f"resume_from_checkpoint: {checkpoint_dir} is at step {start}, past max_steps="
+                             f"{self.args.max_steps}.")
+        self._order_rng, self._order = np.random.RandomState(self.args.seed), []
+        for _ in range(int(extra["data_position"])):  # the host-side sampler: replay its draws
+            self._draw(self.settings.num_prompts)
+        self.log_history = [dict(h) for h in extra.get("log_history", [])]
+        os.makedirs(self.args.output_dir, exist_ok=True)
+        drop_jsonl_records_after(os.path.join(self.args.output_dir, "metrics.jsonl"), start)
+        self.params = self.state.params
+        return start
 
     def save_model(self, output_dir: Optional[str] = None) -> None:
         from rljax.models import save_pretrained
