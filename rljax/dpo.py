@@ -16,16 +16,28 @@
   the log-probs are NOT shifted (:func:`seq2seq_batch_logps`).
   The encoder runs once per prompt (TRL runs it on the prompt repeated for both answers:
   the same numbers).
+* Compute only what is used (decoder-only): a batch may carry ``chosen_completion_positions``
+  / ``rejected_completion_positions`` (``[B, W]`` int32, one common static ``W``; built on the
+  host by :func:`add_completion_positions`, as :class:`~rljax.trainers.dpo.DPOTrainer`'s
+  collation does): the columns whose logits score a counted label. The LM head and the
+  log-softmax then run on those ``W`` columns only (a gather of the last hidden states), not on
+  all ``L``: TRL masks the prompt, so its logits were computed for nothing. TRL's
+  ``logits/*`` metrics (the mean logit over every position, prompt and pads included) come
+  exactly from one more head column per row, the head applied to the row's mean hidden state
+  (the head is affine). Same numbers, fewer FLOPs. Without the keys: the head on every column.
 """
 from __future__ import annotations
 
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rljax.losses import DPO_LOSS_TYPES, dpo_loss, get_batch_logps
+from rljax.models.attention import CausalLM
 from rljax.sharding import (
     batch_sharding,
     batch_size_divisor,
@@ -39,6 +51,8 @@ from rljax.sharding import (
 _PAIR_KEYS = tuple(f"{side}_{k}" for side in ("chosen", "rejected") for k in ("input_ids", "attention_mask", "labels"))
 #: The four batch keys of an encoder-decoder pair batch.
 _SEQ2SEQ_KEYS = ("prompt_input_ids", "prompt_attention_mask", "chosen_labels", "rejected_labels")
+#: Optional (decoder-only): the columns whose logits score a counted label (see the module docstring).
+_POSITION_KEYS = ("chosen_completion_positions", "rejected_completion_positions")
 
 
 def is_encoder_decoder(module: Any) -> bool:
@@ -49,6 +63,116 @@ def is_encoder_decoder(module: Any) -> bool:
 def pair_keys(module: Any) -> Tuple[str, ...]:
     """The batch keys the DPO forward of ``module`` reads (decoder-only or encoder-decoder)."""
     return _SEQ2SEQ_KEYS if is_encoder_decoder(module) else _PAIR_KEYS
+
+
+def completion_positions(labels: Any, label_pad_token_id: int = -100, width: Optional[int] = None) -> np.ndarray:
+    """Host side: for right-padded decoder-only ``labels [N, L]``, the columns ``t`` whose logits
+    score a counted label (``labels[:, t + 1] != label_pad_token_id``), left-aligned per row and
+    padded with -1: ``[N, width]`` int32 (``width`` None: the longest row's count, at least 1)."""
+    labels = np.asarray(labels)
+    scored = labels[:, 1:] != label_pad_token_id
+    counts = scored.sum(axis=1)
+    width = max(int(counts.max(initial=0)), 1) if width is None else int(width)
+    if width < int(counts.max(initial=0)):
+        raise ValueError(f"width={width} is less than the {int(counts.max())} scored positions of a row.")
+    # stable sort: scored columns first, in order; the rest become -1
+    order = np.argsort(~scored, axis=1, kind="stable")[:, :width].astype(np.int32)
+    pad = np.arange(order.shape[1])[None, :] >= counts[:, None]
+    out = np.where(pad, -1, order).astype(np.int32)
+    if out.shape[1] < width:
+        out = np.pad(out, ((0, 0), (0, width - out.shape[1])), constant_values=-1)
+    return out
+
+
+def add_completion_positions(
+    batch: Dict[str, Any], label_pad_token_id: int = -100, pad_to_multiple_of: Optional[int] = None
+) -> Dict[str, Any]:
+    """Host side: ``batch`` (decoder-only pair layout) plus ``chosen_completion_positions`` /
+    ``rejected_completion_positions`` ``[B, W]`` (:func:`completion_positions`), so the DPO
+    forward runs the LM head on ``W`` columns instead of ``L``. ``W`` is the batch's largest
+    count of scored tokens rounded up to ``pad_to_multiple_of`` (None: rljax.data's default
+    bucket), capped at ``L - 1``: a handful of static widths, so a run compiles a few programs."""
+    from rljax.data import DEFAULT_PAD_MULTIPLE, bucket_length
+
+    chosen, rejected = np.asarray(batch["chosen_labels"]), np.asarray(batch["rejected_labels"])
+    scored = max(int(np.sum(x[:, 1:] != label_pad_token_id, axis=1).max(initial=0)) for x in (chosen, rejected))
+    multiple = DEFAULT_PAD_MULTIPLE if pad_to_multiple_of is None else int(pad_to_multiple_of)
+    width = bucket_length(scored, multiple, max(chosen.shape[1] - 1, 1))
+    return dict(batch, chosen_completion_positions=completion_positions(chosen, label_pad_token_id, width),
+                rejected_completion_positions=completion_positions(rejected, label_pad_token_id, width))
+
+
+def _trunk_output_interceptor(transform: Callable, fired: list) -> Callable:
+    """A flax method interceptor that replaces the last hidden states a ``CausalLM``'s trunk
+    returns by ``transform(hidden)``, so its LM head (tied, untied, LoRA, quantized: whatever
+    the family runs) reads only those rows. ``fired`` records that it ran."""
+
+    def interceptor(next_fun, args, kwargs, context):
+        mod = context.module
+        parent = getattr(mod, "parent", None)
+        if context.method_name == "__call__" and isinstance(parent, CausalLM) and mod.name == parent.trunk_name:
+            hidden, cache, embed = next_fun(*args, **kwargs)
+            fired.append(True)
+            return transform(hidden), cache, embed
+        return next_fun(*args, **kwargs)
+
+    return interceptor
+
+
+def completion_forward(
+    module: Any,
+    params: Any,
+    batch: Dict[str, jax.Array],
+    *,
+    average_log_prob: bool = False,
+    label_pad_token_id: int = -100,
+    rng: Optional[jax.Array] = None,
+    logits_width: Optional[jax.Array] = None,
+) -> Tuple[jax.Array, jax.Array, Optional[jax.Array]]:
+    """:func:`concatenated_forward` with the LM head on the completion columns only (the batch
+    carries ``*_completion_positions``, see the module docstring). Returns ``(chosen_logps [B],
+    rejected_logps [B], row_logit_means)``: with ``logits_width`` (a traced int), ``[2B]`` the mean
+    logit of each row over its first ``logits_width`` positions and the whole vocabulary (TRL's
+    ``logits/*`` metrics, pads included), else None."""
+    ids = jnp.concatenate([batch["chosen_input_ids"], batch["rejected_input_ids"]], axis=0)
+    mask = jnp.concatenate([batch["chosen_attention_mask"], batch["rejected_attention_mask"]], axis=0)
+    labels = jnp.concatenate([batch["chosen_labels"], batch["rejected_labels"]], axis=0)
+    cols = jnp.concatenate([batch[k] for k in _POSITION_KEYS], axis=0).astype(jnp.int32)
+    ids, mask, labels, cols = constrain_batch((ids, mask, labels, cols))
+    chex.assert_equal_shape([ids, mask, labels])
+    chex.assert_equal_shape_prefix([ids, cols], 1)
+    seq, width = ids.shape[1], cols.shape[1]
+    valid = cols >= 0
+    safe = jnp.clip(cols, 0, seq - 1)
+
+    def head_rows(hidden):  # [2B, L, D] -> [2B, W (+1), D]
+        rows = jnp.take_along_axis(hidden, safe[..., None], axis=1)
+        if logits_width is None:
+            return rows
+        keep = (jnp.arange(seq) < logits_width).astype(jnp.float32)
+        mean = jnp.einsum("bld,l->bd", jax.lax.stop_gradient(hidden).astype(jnp.float32), keep) / logits_width
+        return jnp.concatenate([rows, mean[:, None].astype(hidden.dtype)], axis=1)
+
+    positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), ids.shape)  # as concatenated_forward
+    kwargs = {} if rng is None else {"rngs": {"dropout": rng}}
+    fired: list = []
+    with nn.intercept_methods(_trunk_output_interceptor(head_rows, fired)):
+        out = module.apply({"params": params}, ids, mask, positions, deterministic=rng is None, **kwargs)
+    logits = out.logits
+    if not fired:  # not a CausalLM (no trunk to read): the head ran on every column; same numbers
+        full = logits
+        logits = jnp.take_along_axis(full, safe[..., None], axis=1)
+        if logits_width is not None:
+            keep = (jnp.arange(seq) < logits_width).astype(full.dtype)
+            mean = jnp.einsum("blv,l->b", jax.lax.stop_gradient(full), keep) / (logits_width * full.shape[-1])
+    elif logits_width is not None:
+        logits, mean = logits[:, :width], jnp.mean(jax.lax.stop_gradient(logits[:, width]), axis=-1)
+    # the logits at column t score the label at t + 1: no shift left to do
+    scored = jnp.take_along_axis(labels, jnp.clip(cols + 1, 0, seq - 1), axis=1)
+    scored = jnp.where(valid, scored, label_pad_token_id)
+    logps = get_batch_logps(logits, scored, average_log_prob, label_pad_token_id, is_encoder_decoder=True)
+    n = batch["chosen_input_ids"].shape[0]
+    return logps[:n], logps[n:], (None if logits_width is None else mean)
 
 
 def seq2seq_batch_logps(
@@ -122,9 +246,11 @@ def concatenated_forward(
     """One forward over chosen-then-rejected rows (TRL's ``concatenated_forward``).
 
     ``batch``: ``chosen_*`` / ``rejected_*`` ``input_ids``, ``attention_mask``, ``labels``,
-    each ``[B, L]``, right-padded (as TRL's collator pads them). ``rng`` None: deterministic (no dropout). Returns ``(chosen_logps [B],
-    rejected_logps [B], logits [2B, L, V])``. An encoder-decoder ``module`` reads the
-    encoder-decoder batch instead (:func:`seq2seq_concatenated_forward`; logits ``[2B, T, V]``).
+    each ``[B, L]``, right-padded (as TRL's collator pads them). ``rng`` None: deterministic (no
+    dropout). Returns ``(chosen_logps [B], rejected_logps [B], logits [2B, L, V])`` (the head on
+    every column, as TRL; the loss uses :func:`completion_forward` when the batch allows). An
+    encoder-decoder ``module`` reads the encoder-decoder batch instead
+    (:func:`seq2seq_concatenated_forward`; logits ``[2B, T, V]``).
     """
     if is_encoder_decoder(module):
         pc, pr, lc, lr = seq2seq_concatenated_forward(
@@ -182,17 +308,23 @@ def make_dpo_loss(
     def loss_fn(params, batch, rng):
         kw = dict(average_log_prob=loss_type == "ipo", label_pad_token_id=label_pad_token_id,
                   rng=None if disable_dropout else rng)
-        if encoder_decoder:
-            pc, pr, chosen_logits, rejected_logits = seq2seq_concatenated_forward(module, params, batch, **kw)
+        width = _trl_width(batch, encoder_decoder, label_pad_token_id)
+        if not encoder_decoder and all(k in batch for k in _POSITION_KEYS):  # the head on the completions only
+            pc, pr, means = completion_forward(module, params, batch, logits_width=width, **kw)
+            logits_chosen, logits_rejected = jnp.mean(means[: pc.shape[0]]), jnp.mean(means[pc.shape[0]:])
         else:
-            pc, pr, logits = concatenated_forward(module, params, batch, **kw)
-            chosen_logits, rejected_logits = logits[: pc.shape[0]], logits[pc.shape[0]:]
+            if encoder_decoder:
+                pc, pr, chosen_logits, rejected_logits = seq2seq_concatenated_forward(module, params, batch, **kw)
+            else:
+                pc, pr, logits = concatenated_forward(module, params, batch, **kw)
+                chosen_logits, rejected_logits = logits[: pc.shape[0]], logits[pc.shape[0]:]
+            logits_chosen = _trl_logits_mean(jax.lax.stop_gradient(chosen_logits), width)
+            logits_rejected = _trl_logits_mean(jax.lax.stop_gradient(rejected_logits), width)
         losses, chosen_rewards, rejected_rewards = dpo_loss(
             pc, pr, batch["reference_chosen_logps"], batch["reference_rejected_logps"],
             beta=beta, label_smoothing=label_smoothing if loss_type == "sigmoid" else 0.0,  # others ignore it
             loss_type=loss_type, reference_free=reference_free,
         )
-        width = _trl_width(batch, encoder_decoder, label_pad_token_id)
         metrics = {
             "rewards/chosen": jnp.mean(chosen_rewards),
             "rewards/rejected": jnp.mean(rejected_rewards),
@@ -200,8 +332,8 @@ def make_dpo_loss(
             "rewards/margins": jnp.mean(chosen_rewards - rejected_rewards),
             "logps/rejected": jax.lax.stop_gradient(jnp.mean(pr)),
             "logps/chosen": jax.lax.stop_gradient(jnp.mean(pc)),
-            "logits/rejected": _trl_logits_mean(jax.lax.stop_gradient(rejected_logits), width),
-            "logits/chosen": _trl_logits_mean(jax.lax.stop_gradient(chosen_logits), width),
+            "logits/rejected": logits_rejected,
+            "logits/chosen": logits_chosen,
         }
         return jnp.mean(losses), metrics
 
@@ -221,21 +353,32 @@ def make_reference_logps_fn(
     once per params structure and batch shape.
     """
 
-    keys = pair_keys(module)
+    pairs = pair_keys(module)
+
+    def keys_of(batch) -> Tuple[str, ...]:
+        windowed = not is_encoder_decoder(module) and all(k in batch for k in _POSITION_KEYS)
+        return pairs + _POSITION_KEYS if windowed else pairs
 
     def reference_logps(ref_params, batch):
-        rc, rr, _ = concatenated_forward(
-            module, ref_params, {k: batch[k] for k in keys},
-            average_log_prob=average_log_prob, label_pad_token_id=label_pad_token_id,
-        )
+        kw = {"average_log_prob": average_log_prob, "label_pad_token_id": label_pad_token_id}
+        if len(keys_of(batch)) > len(pairs):  # the head on the completion columns only
+            rc, rr, _ = completion_forward(module, ref_params, batch, **kw)
+        else:
+            rc, rr, _ = concatenated_forward(module, ref_params, {k: batch[k] for k in pairs}, **kw)
         return jax.lax.stop_gradient(rc), jax.lax.stop_gradient(rr)
 
     if mesh is None:
-        return jax.jit(reference_logps)
+        single = jax.jit(reference_logps)
+
+        def on_device(ref_params, batch):
+            return single(ref_params, {k: batch[k] for k in keys_of(batch)})
+
+        on_device.lower = lambda ref_params, batch: single.lower(ref_params, {k: batch[k] for k in keys_of(batch)})
+        return on_device
     compiled: Dict[Any, Callable] = {}
 
     def jitted(ref_params, batch) -> Callable:
-        rows = int(jnp.shape(batch[keys[-1]])[0])
+        rows = int(jnp.shape(batch[pairs[-1]])[0])
         leaves, treedef = jax.tree_util.tree_flatten(ref_params)
         key = (treedef, tuple(jnp.shape(x) for x in leaves), rows % batch_size_divisor(mesh) == 0)
         if key not in compiled:
@@ -246,11 +389,11 @@ def make_reference_logps_fn(
         return compiled[key]
 
     def on_mesh(ref_params, batch):
-        batch = {k: batch[k] for k in keys}
+        batch = {k: batch[k] for k in keys_of(batch)}
         return jitted(ref_params, batch)(ref_params, batch)
 
     def lower(ref_params, batch):
-        batch = {k: batch[k] for k in keys}
+        batch = {k: batch[k] for k in keys_of(batch)}
         return jitted(ref_params, batch).lower(ref_params, batch)
 
     on_mesh.lower = lower  # .lower(ref_params, batch).compile(): the program one call runs

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from rljax.dpo import get_batch_logps
-from rljax.trainers.dpo import DPOConfig, DPOTrainer
 from rljax.losses import get_batch_logps as losses_get_batch_logps
 from rljax.models import init_params, model_from_config
 from rljax.models.gpt2 import GPT2Config
+from rljax.trainers.dpo import DPOConfig, DPOTrainer
 
 WORDS = ["the", "cat", "dog", "sat", "on", "mat", "ran", "to", "a", "big", "red", "box"]
 METRIC_KEYS = {
@@ -212,3 +212,39 @@ def test_trl_method_names_give_the_train_step_numbers(trained):
     rc, rr = trainer.compute_reference_log_probs(trainer.data_collator(trainer.train_dataset[:4]))
     np.testing.assert_allclose(rc, batch["reference_chosen_logps"], rtol=1e-5)
     np.testing.assert_allclose(rr, batch["reference_rejected_logps"], rtol=1e-5)
+
+
+def test_the_head_on_the_completion_columns_gives_the_full_head_numbers(trained, model):
+    """Collated batches carry ``*_completion_positions``: the policy's and the reference's LM head
+    run on those columns only (no ``[2B, L, V]`` logits in the traced loss), for a plain model, a
+    LoRA model and a value-head model, with the numbers of the head on every column."""
+    from rljax.dpo import (
+        _POSITION_KEYS,
+        add_completion_positions,
+        make_dpo_loss,
+        make_reference_logps_fn,
+    )
+    from rljax.models.heads import AutoModelForCausalLMWithValueHead
+    from rljax.models.peft import LoraConfig, get_peft_model
+
+    module, params = model
+    collated = trained[0].collate(trained[0].train_dataset[:4])
+    assert set(_POSITION_KEYS) <= set(collated)
+    full = {k: v for k, v in collated.items() if k not in _POSITION_KEYS}
+    batch = add_completion_positions(full, pad_to_multiple_of=8)  # the trainer's bucket (64) is the whole row here
+    L, W = full["chosen_input_ids"].shape[1], batch["chosen_completion_positions"].shape[1]
+    assert W < L - 1
+    lora = get_peft_model((module, params), LoraConfig(r=2, init_lora_weights=False))
+    vh = AutoModelForCausalLMWithValueHead.from_lm(module, params, rng=jax.random.PRNGKey(1))
+    for mod, p in ((module, params), (lora.module, lora.params), (vh.module, vh.params)):
+        loss_fn = make_dpo_loss(mod, beta=0.2)
+        (loss, metrics), (want, want_metrics) = loss_fn(p, batch, None), loss_fn(p, full, None)
+        np.testing.assert_allclose(float(loss), float(want), rtol=1e-6)
+        for k in want_metrics:
+            np.testing.assert_allclose(float(metrics[k]), float(want_metrics[k]), rtol=1e-5, atol=1e-6, err_msg=k)
+        full_logits = f"f32[8,{L},{mod.config.vocab_size}]"
+        assert full_logits not in str(jax.make_jaxpr(lambda q: loss_fn(q, batch, None))(p))
+        if mod is module:
+            assert full_logits in str(jax.make_jaxpr(lambda q: loss_fn(q, full, None))(p))
+            ref = make_reference_logps_fn(mod)
+            np.testing.assert_allclose(np.asarray(ref(p, batch)), np.asarray(ref(p, full)), rtol=1e-6)

@@ -176,10 +176,15 @@ def _dpo():
     return module, params, state, batch, step, make_reference_logps_fn(module)
 
 
-def test_dpo_step_with_gradient_accumulation_splits_its_work():
+@pytest.mark.parametrize("head", ["all_columns", "completion_columns"])
+def test_dpo_step_with_gradient_accumulation_splits_its_work(head):
+    from rljax.dpo import add_completion_positions
+
     _, _, state, batch, step, _ = _dpo()
+    if head == "completion_columns":  # the LM head on a gather of the completion columns
+        batch = add_completion_positions(batch, pad_to_multiple_of=8)
     shardings = lambda m: (S.state_shardings(state, m), S.batch_sharding(m))  # noqa: E731
-    ratio = _ratio("dpo_step", step, (state, batch), shardings, DATA4)
+    ratio = _ratio(f"dpo_step_{head}", step, (state, batch), shardings, DATA4)
     assert ratio <= BOUND[DATA4], f"each device does {ratio:.3f} of one device's DPO step FLOPs"
 
 
@@ -353,3 +358,43 @@ def test_chunked_rollout_forward_memory_stays_flat_as_the_batch_grows():
     assert large <= 1.5 * small, f"chunked: temp bytes {small} -> {large} for 4x the rows"
     unchunked_small, unchunked_large = temp(8, None), temp(32, None)
     assert unchunked_large >= 2.5 * unchunked_small, (unchunked_small, unchunked_large)
+
+
+def _dpo_pairs(B: int, L: int, prompt: tuple, seed: int = 5) -> dict:
+    """A decoder-only DPO batch: right-padded rows, prompt lengths in ``prompt`` (masked labels)."""
+    rng = np.random.default_rng(seed)
+    batch = {}
+    for side in ("chosen", "rejected"):
+        ids = rng.integers(3, WIDE_VOCAB, size=(B, L)).astype(np.int32)
+        mask = (np.arange(L)[None] < rng.integers(L - 4, L + 1, size=(B, 1))).astype(np.int32)
+        labels = np.where((mask > 0) & (np.arange(L)[None] >= rng.integers(*prompt, size=(B, 1))), ids, -100)
+        batch.update({f"{side}_input_ids": ids * mask, f"{side}_attention_mask": mask,
+                      f"{side}_labels": labels.astype(np.int32)})
+    batch["reference_chosen_logps"] = rng.normal(-30, 1, size=(B,)).astype(np.float32)
+    batch["reference_rejected_logps"] = rng.normal(-30, 1, size=(B,)).astype(np.float32)
+    return batch
+
+
+def test_dpo_runs_the_lm_head_on_the_completion_tokens_only():
+    """The DPO loss gradient and the reference forward with ``*_completion_positions`` (the head
+    and log-softmax on the W = 16 completion columns) vs without (the head on all L = 32; prompts
+    of 16-19 tokens are masked): equal numbers, and the compiled programs' FLOPs shrink."""
+    from rljax.dpo import add_completion_positions, make_dpo_loss, make_reference_logps_fn
+
+    module, params = F.tiny_gpt2(n_layer=1, vocab_size=WIDE_VOCAB)
+    full = _dpo_pairs(16, 32, (16, 20))
+    windowed = add_completion_positions(full, pad_to_multiple_of=8)
+    assert windowed["chosen_completion_positions"].shape == (16, 16)
+    grad = jax.jit(jax.value_and_grad(make_dpo_loss(module), has_aux=True))
+    (loss_w, metrics_w), grads_w = grad(params, windowed, None)
+    (loss_f, metrics_f), grads_f = grad(params, full, None)
+    np.testing.assert_allclose(float(loss_w), float(loss_f), rtol=1e-6)
+    for k in metrics_f:
+        np.testing.assert_allclose(float(metrics_w[k]), float(metrics_f[k]), rtol=1e-5, atol=1e-6, err_msg=k)
+    for a, b in zip(jax.tree_util.tree_leaves(grads_w), jax.tree_util.tree_leaves(grads_f)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
+    ratio = _work(grad.lower(params, windowed, None).compile()) / _work(grad.lower(params, full, None).compile())
+    assert ratio <= 0.7, f"DPO loss gradient with the head on the completions: {ratio:.3f} of the full-head FLOPs"
+    ref = make_reference_logps_fn(module)
+    ratio = _work(ref.lower(params, windowed).compile()) / _work(ref.lower(params, full).compile())
+    assert ratio <= 0.7, f"DPO reference forward with the head on the completions: {ratio:.3f} of the full-head FLOPs"

@@ -4,8 +4,11 @@ The loss and the reference log-prob function come from the functional core, :mod
 
 Batch layout (every leaf leads with the pair axis ``B``, so gradient accumulation can
 split it): ``chosen_input_ids``, ``chosen_attention_mask``, ``chosen_labels``,
-``rejected_*`` likewise (all ``[B, L]`` int32, one common ``L``), and the two reference
-log-prob vectors.
+``rejected_*`` likewise (all ``[B, L]`` int32, one common ``L``), the two reference
+log-prob vectors, and (decoder-only) ``chosen_completion_positions`` /
+``rejected_completion_positions`` ``[B, W]``: the columns whose logits score a completion
+token (:func:`rljax.dpo.add_completion_positions`; ``W`` bucketed like ``L``), so the LM head
+of the policy and of the reference runs on those ``W`` columns only.
 
 Metrics use TRL's keys (``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``,
 ``rewards/margins``, ``logps/rejected``, ``logps/chosen``, ``logits/rejected``,
@@ -47,6 +50,7 @@ from rljax import data as D
 from rljax.dpo import (
     _PAIR_KEYS,
     _SEQ2SEQ_KEYS,
+    add_completion_positions,
     concatenated_forward,
     get_batch_logps,
     make_dpo_loss,
@@ -469,7 +473,8 @@ class DPOTrainer(Trainer):
         for k in _REF_KEYS:
             if k in b:
                 batch[k] = np.asarray(b[k], np.float32)
-        return batch
+        # the columns whose logits count: the policy's and the reference's LM head run there only
+        return add_completion_positions(batch, a.label_pad_token_id, a.pad_to_multiple_of)
 
     def collate(self, examples: Sequence[dict]) -> Dict[str, Any]:
         """Pad a list of token rows; add the reference log-probs unless precomputed."""
