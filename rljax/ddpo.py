@@ -14,7 +14,9 @@
   does, global-norm clipping, one optimizer update per accumulation window) in one ``lax.scan``.
 
 Conventions: latents are ``[B, *latent_shape]`` (the tiny pipeline: ``[B, H, W, C]``); a
-denoiser is ``unet_apply(params, latents, timesteps [B], embeds [B, L, D]) -> noise_pred``.
+denoiser is ``unet_apply(params, latents, timesteps [B], embeds [B, L, D]) -> noise_pred``, or,
+when the jitted functions get ``frozen_params``, ``unet_apply(params, latents, timesteps, embeds,
+frozen_params)``: frozen weights are arguments of the compiled programs, never closed-over constants.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from rljax.train_state import TrainState
 
 __all__ = [
     "ddim_step_with_logprob",
+    "bind_frozen",
     "guided_noise_pred",
     "DDPOSamples",
     "make_sample_fn",
@@ -43,8 +46,20 @@ __all__ = [
     "make_train_inner_epoch",
 ]
 
-UnetApply = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
+UnetApply = Callable[..., jax.Array]
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
+
+
+def bind_frozen(unet_apply: UnetApply, frozen_params: Any) -> UnetApply:
+    """``(params, latents, timesteps, embeds) -> noise_pred``: ``unet_apply`` itself when
+    ``frozen_params`` is None, else ``unet_apply(params, latents, timesteps, embeds, frozen_params)``.
+
+    Inside a jitted function ``frozen_params`` is a traced argument, so frozen weights (a LoRA
+    base U-Net, a VAE) stay inputs of the compiled program instead of constants in it.
+    """
+    if frozen_params is None:
+        return unet_apply
+    return lambda params, latents, timesteps, embeds: unet_apply(params, latents, timesteps, embeds, frozen_params)
 
 
 def _left_broadcast(x: jax.Array, ndim: int) -> jax.Array:
@@ -166,16 +181,20 @@ def make_sample_fn(
     guidance_scale: float = 5.0,
     eta: float = 1.0,
 ) -> Callable[..., DDPOSamples]:
-    """Build ``sample(params, schedule, prompt_embeds, negative_prompt_embeds, key) -> DDPOSamples``
-    (jitted): TRL's ``pipeline_step`` without decoding, the trajectory in one ``lax.scan``.
+    """Build ``sample(params, schedule, prompt_embeds, negative_prompt_embeds, key, frozen_params=None)
+    -> DDPOSamples`` (jitted): TRL's ``pipeline_step`` without decoding, the trajectory in one ``lax.scan``.
 
     ``prompt_embeds`` / ``negative_prompt_embeds``: ``[B, L, D]``. Guidance is on when
     ``guidance_scale > 1`` (diffusers' rule); then one denoiser call covers both halves.
+    ``frozen_params`` (a pytree or None): passed to the denoiser as its fifth argument
+    (:func:`bind_frozen`), so frozen weights are arguments of the compiled sampler, not constants.
     """
     do_cfg = guidance_scale > 1.0
 
-    def sample(params, schedule: DDIMSchedule, prompt_embeds, negative_prompt_embeds, key) -> DDPOSamples:
+    def sample(params, schedule: DDIMSchedule, prompt_embeds, negative_prompt_embeds, key,
+               frozen_params: Any = None) -> DDPOSamples:
         chex.assert_rank(prompt_embeds, 3)
+        denoise = bind_frozen(unet_apply, frozen_params)
         b = prompt_embeds.shape[0]
         key, k0 = jax.random.split(key)
         x_t = jax.random.normal(k0, (b, *latent_shape), jnp.float32) * schedule.init_noise_sigma
@@ -184,7 +203,7 @@ def make_sample_fn(
         def body(x, inp):
             t, k = inp
             ts = jnp.full((b,), t, jnp.int32)
-            eps = guided_noise_pred(unet_apply, params, x, ts, prompt_embeds,
+            eps = guided_noise_pred(denoise, params, x, ts, prompt_embeds,
                                     negative_prompt_embeds if do_cfg else None, guidance_scale)
             x_prev, lp = ddim_step_with_logprob(schedule, eps, ts, x, eta, key=k)
             return x_prev, (x_prev, lp)
@@ -319,14 +338,15 @@ def compute_loss(
     eta: float,
     adv_clip_max: float,
     clip_range: float,
+    frozen_params: Any = None,
 ) -> Tuple[jax.Array, Tuple[jax.Array, jax.Array]]:
     """TRL's ``calculate_loss`` for one timestep of a batch; returns ``(loss, (approx_kl, clipfrac))``.
 
     ``latents`` / ``next_latents`` ``[B, ...]``, ``timesteps``, ``log_probs``, ``advantages``
     ``[B]``; embeds ``[B, L, D]``; ``negative_prompt_embeds=None`` trains without guidance
-    (``train_cfg=False``).
+    (``train_cfg=False``); ``frozen_params``: see :func:`bind_frozen`.
     """
-    noise_pred = guided_noise_pred(unet_apply, params, latents, timesteps, prompt_embeds,
+    noise_pred = guided_noise_pred(bind_frozen(unet_apply, frozen_params), params, latents, timesteps, prompt_embeds,
                                    negative_prompt_embeds, guidance_scale)
     _, log_prob = ddim_step_with_logprob(schedule, noise_pred, timesteps, latents, eta, prev_sample=next_latents)
     advantages = jnp.clip(advantages, -adv_clip_max, adv_clip_max)
@@ -351,8 +371,10 @@ def make_ddpo_optimizer(config: Any) -> optax.GradientTransformation:
     )
 
 
-def make_train_inner_epoch(unet_apply: UnetApply, config: Any) -> Callable[..., Tuple[TrainState, Dict[str, jax.Array]]]:
-    """Build ``train_inner_epoch(state, schedule, batch, key) -> (state, metrics)`` (jitted).
+def make_train_inner_epoch(unet_apply: UnetApply,
+                           config: Any) -> Callable[..., Tuple[TrainState, Dict[str, jax.Array]]]:
+    """Build ``train_inner_epoch(state, schedule, batch, key, frozen_params=None) -> (state, metrics)``
+    (jitted; ``frozen_params`` reach the denoiser as in :func:`make_sample_fn`, not differentiated).
 
     ``batch``: dict with ``latents [N, S, ...]`` (x_t), ``next_latents [N, S, ...]``,
     ``log_probs [N, S]``, ``timesteps [N, S]``, ``advantages [N]``, ``prompt_embeds`` and
@@ -371,16 +393,19 @@ def make_train_inner_epoch(unet_apply: UnetApply, config: Any) -> Callable[..., 
     guidance, eta = float(config.sample_guidance_scale), float(config.sample_eta)
     train_cfg = bool(config.train_cfg)
 
-    def loss_fn(params, schedule, mb):
+    def loss_fn(params, schedule, mb, frozen_params):
         return compute_loss(
             unet_apply, params, schedule, mb["latents"], mb["timesteps"], mb["next_latents"], mb["log_probs"],
             mb["advantages"], mb["prompt_embeds"], mb["negative_prompt_embeds"] if train_cfg else None,
-            guidance_scale=guidance, eta=eta, adv_clip_max=config.train_adv_clip_max, clip_range=config.train_clip_range,
+            guidance_scale=guidance, eta=eta, adv_clip_max=config.train_adv_clip_max,
+            clip_range=config.train_clip_range,
+            frozen_params=frozen_params,
         )
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def train_inner_epoch(state: TrainState, schedule: DDIMSchedule, batch: Dict[str, jax.Array], key: jax.Array):
+    def train_inner_epoch(state: TrainState, schedule: DDIMSchedule, batch: Dict[str, jax.Array], key: jax.Array,
+                          frozen_params: Any = None):
         n, s = batch["timesteps"].shape
         t_train = int(s * config.train_timestep_fraction)
         if t_train < 1:
@@ -411,7 +436,7 @@ def make_train_inner_epoch(unet_apply: UnetApply, config: Any) -> Callable[..., 
 
         def update(state, window):
             def micro_step(acc, mb):
-                (loss, (kl, cf)), g = grad_fn(state.params, schedule, mb)
+                (loss, (kl, cf)), g = grad_fn(state.params, schedule, mb, frozen_params)
                 acc = jax.tree_util.tree_map(lambda a, b: a + scale * b, acc, g)
                 return acc, (loss, kl, cf)
 

@@ -133,8 +133,71 @@ def test_config_errors_name_the_fix():
     with pytest.raises(ValueError, match="must be greater than or equal to the train batch size"):
         DDPOTrainer(_small_config(train_batch_size=4), _brightness, _digit_prompt, pipe, lambda *a: None)
     with pytest.raises(ValueError, match="must be divisible by the total train batch size"):
-        DDPOTrainer(_small_config(train_gradient_accumulation_steps=3), _brightness, _digit_prompt, pipe, lambda *a: None)
+        DDPOTrainer(_small_config(train_gradient_accumulation_steps=3), _brightness, _digit_prompt, pipe,
+                    lambda *a: None)
     with pytest.raises(ValueError, match="sample_eta"):
         _small_config(sample_eta=0.0)
     with pytest.raises(ValueError, match="sd_pipeline lacks"):
         DDPOTrainer(_small_config(), _brightness, _digit_prompt, object(), lambda *a: None)
+
+
+# -- rljax addition: frozen weights are arguments of the compiled programs (DESIGN.md) --------------
+def _constant_bytes(hlo_text):
+    """Bytes of the non-splat constants in a lowered StableHLO module (4 bytes per element)."""
+    import re
+
+    total = 0
+    for line in hlo_text.splitlines():
+        m = re.search(r"stablehlo\.constant dense<\"0x[0-9A-Fa-f]*\"> : tensor<([0-9x]+)x[a-z0-9]+>", line)
+        if m:
+            total += 4 * int(np.prod([int(d) for d in m.group(1).split("x")]))
+    return total
+
+
+class _HeavyFrozenPipeline(TinyDDPOPipeline):
+    """The tiny pipeline plus 1 MiB of frozen weights that the denoiser and the decoder read
+    (a stand-in for a LoRA base U-Net and a VAE); the outputs are unchanged (gain 1)."""
+
+    def __init__(self):
+        super().__init__(seed=0)
+        w = np.random.default_rng(0).uniform(0.5, 1.5, (512, 512)).astype(np.float32)
+        self._frozen = {"gain": jnp.asarray(w / w.mean())}
+
+    @property
+    def frozen_params(self):
+        return self._frozen
+
+    def unet_apply(self, params, latents, timesteps, embeds, frozen_params=None):
+        frozen = self._frozen if frozen_params is None else frozen_params
+        return super().unet_apply(params, latents, timesteps, embeds) * frozen["gain"].mean()
+
+    def decode_latents(self, latents, frozen_params=None):
+        frozen = self._frozen if frozen_params is None else frozen_params
+        return super().decode_latents(latents) * frozen["gain"].mean()
+
+
+def test_frozen_params_are_arguments_not_constants_of_the_compiled_programs():
+    pipe = _HeavyFrozenPipeline()
+    config = DDPOConfig(sample_num_steps=2, sample_batch_size=2, train_batch_size=2, mixed_precision=None,
+                        save_freq=10**9)
+    trainer = DDPOTrainer(config, scorer_function, prompt_function, pipe, image_samples_hook=lambda *a: None)
+    frozen = pipe.frozen_params
+    embeds = pipe.encode_prompts(["a one", "a two"])
+    neg = jnp.repeat(trainer.neg_prompt_embed, 2, axis=0)
+    key = jax.random.PRNGKey(0)
+    args = (trainer.state.params, trainer.schedule, embeds, neg, key)
+    # control: with frozen_params=None the pipeline closes over its weights -> >= 1 MiB of constants
+    assert _constant_bytes(trainer._sample.lower(*args, None).as_text()) >= 2**20
+    # the trainer's sampler, decoder and training step take them as arguments
+    assert _constant_bytes(trainer._sample.lower(*args, frozen).as_text()) < 2**14
+    out = trainer.sample(*args[:1], embeds, neg, key)
+    assert _constant_bytes(trainer._decode.lower(out.latents[:, -1], frozen).as_text()) < 2**14
+    samples, _ = trainer._generate_samples(1, 2)
+    batch = {k: v for k, v in samples[0].items() if k != "prompt_ids"}
+    batch["advantages"] = jnp.array([1.0, -1.0])
+    lowered = trainer._train_inner_epoch.lower(trainer.state, trainer.schedule, batch, key, frozen)
+    assert _constant_bytes(lowered.as_text()) < 2**14
+    # and the numbers are those of the plain tiny pipeline (gain 1)
+    ref = TinyDDPOPipeline(seed=0)
+    ref_out = trainer._sample(ref.params, trainer.schedule, embeds, neg, key)
+    np.testing.assert_allclose(np.asarray(out.latents), np.asarray(ref_out.latents), atol=1e-5)

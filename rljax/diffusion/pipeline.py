@@ -3,11 +3,14 @@ embedded default, :class:`TinyDDPOPipeline` (pixel space, word-level prompts, of
 
 A pipeline gives the trainer pure functions and arrays; the trainer owns the jitted loops:
 
-- ``unet_apply(params, latents [B, *latent_shape], timesteps [B], embeds [B, L, D]) -> noise_pred``
-  (pure; ``params`` are the trainable params, frozen parts are closed-over constants or passed in
-  ``params`` and masked by ``trainable_mask``),
+- ``unet_apply(params, latents [B, *latent_shape], timesteps [B], embeds [B, L, D], frozen_params=None)
+  -> noise_pred`` (pure; ``params`` are the trainable params),
+- ``frozen_params``: a pytree of the frozen weights ``unet_apply`` / ``decode_latents`` use (a LoRA
+  base U-Net, a VAE; ``{}`` if none). The trainer passes it into its jitted sampler, decoder and
+  training step as an argument, so large frozen weights never become constants of the compiled
+  programs (with ``frozen_params=None`` the pipeline uses its own: host-side convenience only),
 - ``encode_prompts(prompts) -> [B, L, D]`` and ``tokenizer`` (``__call__`` -> ids, ``batch_decode``),
-- ``decode_latents(latents) -> images [B, H, W, C]`` in ``[0, 1]`` (pure),
+- ``decode_latents(latents, frozen_params=None) -> images [B, H, W, C]`` in ``[0, 1]`` (pure),
 - ``params`` / ``set_params``, ``latent_shape``, ``scheduler_config``, ``use_lora``,
 - ``save_pretrained(dir)``.
 """
@@ -45,11 +48,15 @@ class DDPOPipeline(Protocol):
 
     def set_params(self, params: Any) -> None: ...
 
-    def unet_apply(self, params: Any, latents: jax.Array, timesteps: jax.Array, embeds: jax.Array) -> jax.Array: ...
+    @property
+    def frozen_params(self) -> Any: ...
+
+    def unet_apply(self, params: Any, latents: jax.Array, timesteps: jax.Array, embeds: jax.Array,
+                   frozen_params: Any = None) -> jax.Array: ...
 
     def encode_prompts(self, prompts: Sequence[str]) -> jax.Array: ...
 
-    def decode_latents(self, latents: jax.Array) -> jax.Array: ...
+    def decode_latents(self, latents: jax.Array, frozen_params: Any = None) -> jax.Array: ...
 
     def save_pretrained(self, output_dir: str) -> None: ...
 
@@ -81,8 +88,9 @@ class TinyDDPOPipeline:
     """Pixel-space text-to-image pipeline (the embedded default for DDPO).
 
     Latents are the images themselves in ``[-1, 1]`` (``[B, S, S, C]``); ``decode_latents`` maps
-    them to ``[0, 1]``. The text encoder is frozen and closed over; the U-Net params train
-    (``use_lora`` is not supported here: the model is small enough to train whole).
+    them to ``[0, 1]``. The text encoder is frozen (used only by ``encode_prompts``, a host call
+    that passes its params to a jitted encoder); the U-Net params train (``use_lora`` is not
+    supported here: the model is small enough to train whole). ``frozen_params`` is ``{}``.
     """
 
     def __init__(self, config: Optional[TinyPipelineConfig] = None, *, seed: int = 0, params: Any = None,
@@ -115,14 +123,20 @@ class TinyDDPOPipeline:
     def set_params(self, params: Any) -> None:
         self._params = params
 
-    def unet_apply(self, params: Any, latents: jax.Array, timesteps: jax.Array, embeds: jax.Array) -> jax.Array:
+    @property
+    def frozen_params(self) -> Any:
+        """Nothing frozen enters ``unet_apply`` / ``decode_latents`` here: ``{}``."""
+        return {}
+
+    def unet_apply(self, params: Any, latents: jax.Array, timesteps: jax.Array, embeds: jax.Array,
+                   frozen_params: Any = None) -> jax.Array:
         return self.unet.apply({"params": params}, latents, timesteps, embeds)
 
     def encode_prompts(self, prompts: Sequence[str]) -> jax.Array:
         """``[B, model_max_length, embed_dim]`` float32 (host call; jitted encoder)."""
         return self._encode(self.text_params, jnp.asarray(self.tokenizer(list(prompts))))
 
-    def decode_latents(self, latents: jax.Array) -> jax.Array:
+    def decode_latents(self, latents: jax.Array, frozen_params: Any = None) -> jax.Array:
         return jnp.clip(latents / 2 + 0.5, 0.0, 1.0)
 
     # -- files -------------------------------------------------------------------------

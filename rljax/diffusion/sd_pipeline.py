@@ -16,9 +16,10 @@ through :class:`rljax.models.peft.LoraModel`; ``params`` are then the adapters o
 PEFT/diffusers key format, ``unet.<module>.lora_A.weight`` ``[r, in]`` / ``lora_B.weight``
 ``[out, r]``, with ``use_lora``).
 
-Frozen parts (base U-Net with LoRA, VAE, text encoder) are closed over by ``unet_apply`` /
-``decode_latents`` (the protocol's convention); at Stable Diffusion scale that makes them
-constants of the compiled programs.
+Frozen parts that ``unet_apply`` / ``decode_latents`` use (the base U-Net with LoRA, the VAE) are
+``frozen_params``; the DDPO trainer passes them into its jitted sampler, decoder and training step
+as arguments, so at Stable Diffusion scale they never become constants of the compiled programs
+(the text encoder's params are an argument of the jitted encoder).
 """
 from __future__ import annotations
 
@@ -221,23 +222,35 @@ class DefaultDDPOStableDiffusionPipeline:
     def set_params(self, params: Any) -> None:
         self._params = params
 
-    def unet_params(self, params: Optional[Any] = None) -> Any:
+    @property
+    def frozen_params(self) -> Dict[str, Any]:
+        """``{"unet": the frozen base U-Net (use_lora; else None), "vae": the VAE decoder}``."""
+        return {"unet": self._frozen_unet, "vae": self.vae_params}
+
+    def unet_params(self, params: Optional[Any] = None, frozen_params: Optional[Any] = None) -> Any:
         """The U-Net params tree the forward sees (base + adapters with ``use_lora``)."""
         params = self._params if params is None else params
-        return _merge(self._frozen_unet, params) if self.use_lora else params
+        if not self.use_lora:
+            return params
+        frozen = self.frozen_params if frozen_params is None else frozen_params
+        return _merge(frozen["unet"], params)
 
-    def unet_apply(self, params: Any, latents: jax.Array, timesteps: jax.Array, embeds: jax.Array) -> jax.Array:
-        """``latents [B, h, w, 4]``, ``timesteps [B]``, ``embeds [B, L, D]`` -> noise prediction (pure)."""
-        return self._unet_module.apply({"params": self.unet_params(params)}, latents, timesteps, embeds)
+    def unet_apply(self, params: Any, latents: jax.Array, timesteps: jax.Array, embeds: jax.Array,
+                   frozen_params: Optional[Any] = None) -> jax.Array:
+        """``latents [B, h, w, 4]``, ``timesteps [B]``, ``embeds [B, L, D]`` -> noise prediction (pure).
+        Under jit pass ``frozen_params`` (else the base U-Net is closed over as a constant)."""
+        return self._unet_module.apply({"params": self.unet_params(params, frozen_params)}, latents, timesteps, embeds)
 
     def encode_prompts(self, prompts: Sequence[str]) -> jax.Array:
         """``[B, model_max_length, hidden_size]`` CLIP last hidden states (host call; jitted encoder)."""
         return self._encode(self.text_params, jnp.asarray(self.tokenizer(list(prompts))))
 
-    def decode_latents(self, latents: jax.Array) -> jax.Array:
+    def decode_latents(self, latents: jax.Array, frozen_params: Optional[Any] = None) -> jax.Array:
         """``[B, h, w, 4]`` -> images ``[B, h * f, w * f, 3]`` in ``[0, 1]`` (TRL: ``vae.decode(latents /
-        scaling_factor)`` then the image processor's ``x / 2 + 0.5`` clamped). Pure."""
-        x = self.vae.apply({"params": self.vae_params}, latents / self.vae.config.scaling_factor)
+        scaling_factor)`` then the image processor's ``x / 2 + 0.5`` clamped). Pure; under jit pass
+        ``frozen_params`` (else the VAE is closed over as a constant)."""
+        vae_params = self.vae_params if frozen_params is None else frozen_params["vae"]
+        x = self.vae.apply({"params": vae_params}, latents / self.vae.config.scaling_factor)
         return jnp.clip(x / 2 + 0.5, 0.0, 1.0)
 
     # -- TRL's accessors -------------------------------------------------------------------

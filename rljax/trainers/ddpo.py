@@ -98,7 +98,8 @@ class DDPOConfig:
 
     def __post_init__(self):
         if self.log_with not in (None, "wandb", "tensorboard", "jsonl", "stdout"):
-            raise ValueError(f"log_with must be None, 'wandb', 'tensorboard', 'jsonl' or 'stdout', got {self.log_with!r}.")
+            raise ValueError(
+                f"log_with must be None, 'wandb', 'tensorboard', 'jsonl' or 'stdout', got {self.log_with!r}.")
         if self.train_use_8bit_adam:
             raise ValueError("train_use_8bit_adam=True (bitsandbytes) has no JAX counterpart here; set it to False.")
         for name in ("sample_num_steps", "sample_batch_size", "sample_num_batches_per_epoch", "train_batch_size",
@@ -108,7 +109,8 @@ class DDPOConfig:
         if not 0.0 < self.train_timestep_fraction <= 1.0:
             raise ValueError(f"train_timestep_fraction must be in (0, 1], got {self.train_timestep_fraction}.")
         if self.sample_eta <= 0:
-            raise ValueError(f"sample_eta must be > 0 (the DDPO log-probs need a stochastic sampler), got {self.sample_eta}.")
+            raise ValueError(
+                f"sample_eta must be > 0 (the DDPO log-probs need a stochastic sampler), got {self.sample_eta}.")
 
     def to_dict(self) -> Dict[str, Any]:
         return flatten_dict(dict(self.__dict__))
@@ -167,7 +169,10 @@ class DDPOTrainer:
         self.neg_prompt_embed = sd_pipeline.encode_prompts(neg)  # [1, L, D]
         self._sample = make_sample_fn(sd_pipeline.unet_apply, tuple(sd_pipeline.latent_shape),
                                       guidance_scale=config.sample_guidance_scale, eta=config.sample_eta)
-        self._decode = jax.jit(sd_pipeline.decode_latents)
+        # frozen weights (VAE, a LoRA base U-Net) are jit arguments, not constants of the programs
+        self._decode = jax.jit(
+            lambda latents, frozen: sd_pipeline.decode_latents(latents) if frozen is None
+            else sd_pipeline.decode_latents(latents, frozen))
         self._train_inner_epoch = make_train_inner_epoch(sd_pipeline.unet_apply, config)
         self._tracker_update = jax.jit(lambda tr, p, r: tr.update(p, r))
         self.prompt_ids: Dict[str, int] = {}
@@ -175,7 +180,8 @@ class DDPOTrainer:
         if config.per_prompt_stat_tracking:
             self.stat_tracker = PerPromptStatTracker.create(
                 8, config.per_prompt_stat_tracking_buffer_size, config.per_prompt_stat_tracking_min_count)
-        self.executor = futures.ThreadPoolExecutor(max_workers=config.max_workers) if config.async_reward_computation else None
+        self.executor = (futures.ThreadPoolExecutor(max_workers=config.max_workers)
+                         if config.async_reward_computation else None)
         self.log_history: List[Dict[str, Any]] = []
         self._logger = None
         self._checkpointer = None
@@ -183,6 +189,20 @@ class DDPOTrainer:
         self.global_step = 0
         if config.resume_from:
             self._resume(config.resume_from)
+
+    # -- the jitted programs, with the pipeline's frozen params as arguments --------------
+    @property
+    def frozen_params(self) -> Any:
+        """The pipeline's ``frozen_params`` (None for a pipeline without them)."""
+        return getattr(self.sd_pipeline, "frozen_params", None)
+
+    def sample(self, params: Any, prompt_embeds: jax.Array, negative_prompt_embeds: jax.Array, key: jax.Array):
+        """One sampled batch (``rljax.ddpo.DDPOSamples``) under ``params``; embeds ``[B, L, D]``."""
+        return self._sample(params, self.schedule, prompt_embeds, negative_prompt_embeds, key, self.frozen_params)
+
+    def decode(self, latents: jax.Array) -> jax.Array:
+        """``latents [B, *latent_shape]`` -> images ``[B, H, W, C]`` in ``[0, 1]`` (jitted decoder)."""
+        return self._decode(latents, self.frozen_params)
 
     # -- checks, files -----------------------------------------------------------------
     def _config_check(self) -> Tuple[bool, str]:
@@ -297,7 +317,8 @@ class DDPOTrainer:
             self.sd_pipeline.unet_apply, self.state.params, self.schedule, jnp.asarray(latents),
             jnp.asarray(timesteps, jnp.int32), jnp.asarray(next_latents), jnp.asarray(log_probs),
             jnp.asarray(advantages, jnp.float32), embeds, neg, guidance_scale=c.sample_guidance_scale,
-            eta=c.sample_eta, adv_clip_max=c.train_adv_clip_max, clip_range=c.train_clip_range)
+            eta=c.sample_eta, adv_clip_max=c.train_adv_clip_max, clip_range=c.train_clip_range,
+            frozen_params=self.frozen_params)
         return loss, kl, cf
 
     def _generate_samples(self, iterations: int, batch_size: int):
@@ -311,8 +332,8 @@ class DDPOTrainer:
             prompts, metadata = zip(*[self.prompt_fn() for _ in range(batch_size)])
             prompt_ids = self.sd_pipeline.tokenizer(list(prompts))
             embeds = self.sd_pipeline.encode_prompts(list(prompts))
-            out = self._sample(self.state.params, self.schedule, embeds, neg, self._next_key())
-            images = self._decode(out.latents[:, -1])
+            out = self.sample(self.state.params, embeds, neg, self._next_key())
+            images = self.decode(out.latents[:, -1])
             samples.append({
                 "prompt_ids": np.asarray(prompt_ids),
                 "prompt_embeds": embeds,
@@ -371,7 +392,8 @@ class DDPOTrainer:
         batch = {k: jnp.concatenate([s[k] for s in samples]) for k in samples[0] if k != "prompt_ids"}
         batch["advantages"] = self._advantages(prompt_ids, rewards_np)
         for inner_epoch in range(c.train_num_inner_epochs):
-            self.state, metrics = self._train_inner_epoch(self.state, self.schedule, batch, self._next_key())
+            self.state, metrics = self._train_inner_epoch(self.state, self.schedule, batch, self._next_key(),
+                                                             self.frozen_params)
             metrics = jax.device_get(metrics)
             for u in range(len(metrics["loss"])):
                 self._log({"approx_kl": float(metrics["approx_kl"][u]), "clipfrac": float(metrics["clipfrac"][u]),
