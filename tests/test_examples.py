@@ -2,20 +2,22 @@
 experiments/scripts/{sft,reward_modeling,dpo,ppo}.py) run as subprocesses on tiny offline assets
 and tiny flags: each exits 0 and writes what it should.
 
-The scripts start together, two at a time (most of each run is Python start-up and one
-compile), in a module fixture; each test then checks one script's result.
+A module fixture runs all scripts one after another in ONE subprocess
+(tests/_examples_driver.py: each script as ``__main__`` through runpy, with its own argv, working
+directory and log; one Python + JAX + transformers start-up instead of five); each test then
+checks one script's result.
 """
 import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = os.path.join(ROOT, "experiments")
 SCRIPTS = os.path.join(EXPERIMENTS, "scripts")
+DRIVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_examples_driver.py")
 TRAINER_FLAGS = ["--max_steps", "2", "--per_device_train_batch_size", "4", "--logging_steps", "1"]
 
 # hello_world.py only defines variables (as TRL's): run it through runpy to report what it computed.
@@ -51,27 +53,25 @@ def runs(tmp_path_factory):
     env = dict(os.environ, **{ASSETS_ENV: assets, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
                               "HF_DATASETS_CACHE": str(work / "hf_datasets_cache"), "TOKENIZERS_PARALLELISM": "false",
                               "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "PYTHONPATH": ROOT})
-    pending, running, results = list(RUNS), {}, {}
-    while pending or running:
-        while pending and len(running) < 2:
-            name = pending.pop(0)
-            cwd = work / name
-            cwd.mkdir()
-            log = open(cwd / "output.log", "w+")
-            proc = subprocess.Popen([sys.executable, *RUNS[name]], cwd=cwd, env=env, stdout=log,
-                                    stderr=subprocess.STDOUT, text=True)
-            running[name] = (proc, log, cwd, time.time())
-        time.sleep(0.2)
-        for name, (proc, log, cwd, start) in list(running.items()):
-            if proc.poll() is None and time.time() - start < 480:
-                continue
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            log.seek(0)
-            results[name] = (proc.returncode, log.read(), cwd)
-            log.close()
-            del running[name]
+    plan = []
+    for name, argv in RUNS.items():
+        (work / name).mkdir()
+        plan.append({"name": name, "argv": argv, "cwd": str(work / name)})
+    (work / "plan.json").write_text(json.dumps(plan))
+    log = work / "driver.log"
+    with open(log, "w") as f:
+        try:
+            subprocess.run([sys.executable, DRIVER, str(work / "plan.json"), str(work / "results.json")], cwd=work,
+                           env=env, stdout=f, stderr=subprocess.STDOUT, timeout=900)
+        except subprocess.TimeoutExpired:
+            pass
+    codes = json.loads((work / "results.json").read_text()) if (work / "results.json").exists() else {}
+    results = {}
+    for name in RUNS:
+        out = (work / name / "output.log").read_text() if (work / name / "output.log").exists() else ""
+        if name not in codes:
+            out += "\n[driver] did not finish this script; driver log:\n" + log.read_text()[-4000:]
+        results[name] = (codes.get(name, -1), out, work / name)
     return results
 
 
@@ -132,9 +132,9 @@ def test_ppo_script_runs_trls_loop_and_logs(runs):
 def test_offline_defaults_apply_only_without_a_model_flag(runs, monkeypatch):
     """The scripts' one addition: offline stand-ins as parser defaults unless the model flag is
     given, abbreviated as argparse allows (TRL's CI runs sft.py with --model_name); flags win."""
+    from _offline import ASSETS_ENV, set_offline_defaults
     from transformers import HfArgumentParser
 
-    from _offline import ASSETS_ENV, set_offline_defaults
     from rljax import ModelConfig, TrainingArguments
 
     monkeypatch.setenv(ASSETS_ENV, str(runs["sft"][2].parent / "assets"))
