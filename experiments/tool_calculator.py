@@ -180,7 +180,7 @@ def main(argv=None) -> dict[str, float]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--output_dir", default="runs/tool_calculator")
     p.add_argument("--fast", action="store_true", help="CI size (< 60 s on 2 cores)")
-    p.add_argument("--ppo_steps", type=int, default=None, help="PPO steps (default 60; --fast 8)")
+    p.add_argument("--ppo_steps", type=int, default=None, help="PPO steps (default 60; --fast 5)")
     p.add_argument("--batch_size", type=int, default=32, help="episodes per PPO step")
     p.add_argument("--sft_problems", type=int, default=None, help="demonstrations (default 512; --fast 256)")
     p.add_argument("--sft_steps", type=int, default=None, help="SFT steps of 64 demonstrations (default 400; --fast 200)")
@@ -193,7 +193,9 @@ def main(argv=None) -> dict[str, float]:
     p.add_argument("--n_embd", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    args.ppo_steps = args.ppo_steps if args.ppo_steps is not None else (8 if args.fast else 60)
+    # --fast: 5 steps; the held-out reward already rises 0.41 -> 0.84 (seed 0), and every step
+    # whose responses need a wider padding bucket compiles PPO's step again (8 steps: twice).
+    args.ppo_steps = args.ppo_steps if args.ppo_steps is not None else (5 if args.fast else 60)
     args.sft_problems = args.sft_problems or (256 if args.fast else 512)
     args.sft_steps = args.sft_steps or (200 if args.fast else 400)
     os.makedirs(args.output_dir, exist_ok=True)
