@@ -115,12 +115,18 @@ def sft(lm, params, pairs: np.ndarray, steps: int, lr: float):
 EVAL_ROWS = 100  # every a+b: each evaluation set is padded to this many rows, so one compiled program
 
 
+_GREEDY: Dict[int, object] = {}  # id(module) -> its jitted greedy generate (one trace per module)
+
+
 def greedy_accuracy(module, params, prompts: np.ndarray) -> float:
     """Greedy exact-match accuracy on ``prompts`` [n <= 100, 5] (rows padded by repetition to
     ``EVAL_ROWS``, so every evaluation set shares one compiled generate)."""
     n = len(prompts)
     padded = np.concatenate([prompts, np.repeat(prompts[:1], EVAL_ROWS - n, axis=0)]) if n < EVAL_ROWS else prompts
-    gen = make_generate_fn(module, max_new_tokens=ANSWER_LEN, do_sample=False, eos_token_id=EOS, pad_token_id=PAD)
+    if id(module) not in _GREEDY:
+        _GREEDY[id(module)] = make_generate_fn(module, max_new_tokens=ANSWER_LEN, do_sample=False, eos_token_id=EOS,
+                                               pad_token_id=PAD)
+    gen = _GREEDY[id(module)]
     out = gen(params, jnp.asarray(padded), jnp.ones(padded.shape, jnp.int32), jax.random.PRNGKey(0))
     hits = exact_match(jnp.asarray(padded), out.sequences[:, padded.shape[1]:])
     return float(hits[:n].mean())
@@ -165,6 +171,10 @@ def run_algo(name: str, lm, params, prompts: np.ndarray, args) -> Tuple[Dict, np
     start = time.time()
     final, stats = jax.jit(train)(state, None, prompts, mask)
     curve = np.asarray(stats[key])
+    if module is not lm:  # PPO: evaluate the policy's LM params with the plain LM (the same greedy program)
+        from rljax.models.heads import lm_params
+
+        return {"seconds": time.time() - start}, curve, lm, lm_params(final.params)
     return {"seconds": time.time() - start}, curve, module, final.params
 
 
@@ -192,7 +202,8 @@ def main(argv=None) -> Dict[str, float]:
     lm, params = build_model(args.seed)
     t0 = time.time()
     params, sft_final_loss = sft(lm, params, sft_pairs, args.sft_steps, 3e-3)
-    train_prompts, held_prompts, unseen_prompts = prompts_of(train_pairs), prompts_of(held_pairs), prompts_of(unseen_pairs)
+    train_prompts, held_prompts = prompts_of(train_pairs), prompts_of(held_pairs)
+    unseen_prompts = prompts_of(unseen_pairs)
     before = greedy_accuracy(lm, params, held_prompts)
     before_unseen = greedy_accuracy(lm, params, unseen_prompts)
     summary = {"sft/final_loss": sft_final_loss, "sft/seconds": time.time() - t0, "sft/sft_sums": len(sft_pairs),

@@ -3,6 +3,8 @@ vs 4 sequential runs (rljax.sweep). Offline, random-init GPT-2; every algorithm 
 loop as one compiled ``make_train``; times exclude compilation (one warm-up call each).
 
     python experiments/benchmarks/bench_grpo.py [--n_embd 128 --n_layer 4 --steps 10 --out RESULTS_grpo.json]
+
+Prints the results as JSON and as a markdown table.
 """
 from __future__ import annotations
 
@@ -29,6 +31,27 @@ def timed(fn, *args):
     start = time.perf_counter()
     jax.block_until_ready(fn(*args))
     return time.perf_counter() - start
+
+
+def markdown_table(results: dict) -> str:
+    """The results as a markdown table (what RESULTS files quote)."""
+    c = results["config"]
+    tokens = c["completions"] * c["new_tokens"]
+    ppo = results["ppo_s_per_iter"]
+    rows = [
+        ("GRPO iteration", results["grpo_s_per_iter"], f"{results['grpo_s_per_iter'] / ppo:.2f}x PPO"),
+        ("RLOO iteration", results["rloo_s_per_iter"], f"{results['rloo_s_per_iter'] / ppo:.2f}x PPO"),
+        ("PPO iteration", ppo, "1.00x PPO"),
+        (f"GRPO sweep, {c['seeds']} seeds vmapped", results["grpo_sweep_vmapped_s"],
+         f"{results['grpo_sweep_sequential_s'] / results['grpo_sweep_vmapped_s']:.2f}x faster than sequential"),
+        (f"GRPO sweep, {c['seeds']} seeds sequential", results["grpo_sweep_sequential_s"], ""),
+    ]
+    lines = [f"GPT-2 n_embd={c['n_embd']} n_layer={c['n_layer']} vocab={c['vocab']}, {c['completions']} completions x "
+             f"{c['new_tokens']} tokens = {tokens} tokens generated per iteration (group {c['group']}), "
+             f"{c['steps']} iterations per call, backend {results['backend']}, compilation excluded.", "",
+             "| measurement | seconds | relative |", "|---|---:|---|"]
+    lines += [f"| {name} | {sec:.4f} | {rel} |" for name, sec, rel in rows]
+    return "\n".join(lines)
 
 
 def main(argv=None):
@@ -85,6 +108,7 @@ def main(argv=None):
         jax.block_until_ready(g_train(g_state.replace(rng=jax.random.PRNGKey(i)), None, bank, mask))
     results["grpo_sweep_sequential_s"] = time.perf_counter() - start
     print(json.dumps(results, indent=2))
+    print(markdown_table(results))
     if a.out:
         with open(a.out, "w") as f:
             json.dump(results, f, indent=2)
