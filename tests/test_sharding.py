@@ -28,6 +28,9 @@ MESHES = [
     pytest.param((2, 4, 1), marks=pytest.mark.slow, id="dp2-fsdp4"),
     pytest.param((2, 2, 2), id="dp2-fsdp2-tp2"),
 ]
+# PPO's step and generation: pure data parallel (one row per device) and all three axes at once;
+# fsdp 4 runs the same partitioning rules as fsdp 2 (the SFT step keeps it: one compile less each).
+MESHES_DP_AND_3D = [MESHES[0], MESHES[2]]
 ATOL = 1e-5
 
 
@@ -288,7 +291,7 @@ def _ppo_reference():
     return F.to_numpy(jax.jit(make_ppo_step(module, config, tx=_ppo_tx()))(state, rollout, scores))
 
 
-@pytest.mark.parametrize("shape", MESHES)
+@pytest.mark.parametrize("shape", MESHES_DP_AND_3D)
 def test_ppo_step_on_mesh_matches_one_device(shape):
     from rljax.ppo_train import make_ppo_step
 
@@ -332,7 +335,7 @@ def _gen_setup():
     return module, params, q, qm, fn, ref
 
 
-@pytest.mark.parametrize("shape", MESHES)
+@pytest.mark.parametrize("shape", MESHES_DP_AND_3D)
 def test_greedy_generation_on_mesh_matches_one_device(shape):
     module, params, q, qm, fn, ref = _gen_setup()
     mesh = S.make_mesh(*shape)
