@@ -63,6 +63,7 @@ def forget_project_modules() -> None:
 
 
 def main(plan_path: str, results_path: str) -> None:
+    results_path = os.path.abspath(results_path)  # the runs change the working directory
     with open(plan_path) as f:
         plan = json.load(f)
     results = {}
