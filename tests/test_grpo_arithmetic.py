@@ -1,9 +1,7 @@
-"""experiments/grpo_arithmetic.py --fast --algos grpo: GRPO raises the greedy exact-match accuracy
-on sums whose answers SFT never showed, from near chance; summary.json and the reward curve are
-written. CI runs GRPO only (18.8 CPU-s cold vs ~42 with all three: compiling each algorithm's
-make_train dominates); the RLOO / PPO comparison on the same task is the full run's table
-(``--algos grpo,rloo,ppo``, the default), and their learning is checked in CI by
-tests/test_rloo.py, tests/test_sweep.py and the PPO tests."""
+"""experiments/grpo_arithmetic.py --fast: GRPO, RLOO and PPO (same budget) each raise the greedy
+exact-match accuracy on sums whose answers SFT never showed, from near chance; summary.json and the
+reward curve are written. The issue asks for this run in CI; GRPO alone is ~18 CPU-s cold and all
+three ~42 (compiling each algorithm's make_train dominates)."""
 import json
 import os
 import sys
@@ -20,11 +18,11 @@ def test_grpo_arithmetic_fast_run_learns(tmp_path):
         import grpo_arithmetic
     finally:
         sys.path.pop(0)
-    grpo_arithmetic.main(["--output_dir", str(tmp_path), "--fast", "--algos", "grpo"])
+    grpo_arithmetic.main(["--output_dir", str(tmp_path), "--fast"])
     summary = json.loads((tmp_path / "summary.json").read_text())
-    before, after = summary["grpo/accuracy_before"], summary["grpo/accuracy_after"]
-    assert before < 0.1, before
-    assert after > before + 0.08, (before, after)  # 0.015 -> 0.154 at seed 0
-    assert summary["grpo/reward_last"] > summary["grpo/reward_first"]
-    assert "rloo/accuracy_after" not in summary and "ppo/accuracy_after" not in summary
+    for algo in ("grpo", "rloo", "ppo"):
+        before, after = summary[f"{algo}/accuracy_before"], summary[f"{algo}/accuracy_after"]
+        assert before < 0.1, (algo, before)
+        assert after > before + 0.08, (algo, before, after)
+        assert summary[f"{algo}/reward_last"] > summary[f"{algo}/reward_first"], algo
     assert (tmp_path / "reward_curve.png").stat().st_size > 1000
