@@ -71,6 +71,7 @@ def parse_args(argv=None):
     p.add_argument("--no-trl", action="store_true", help="skip the TRL timings (MFU rows for rljax only)")
     p.add_argument("--ab-flags", action="store_true", help="A/B the XLA flag sets on the tiny PPO minibatch step")
     p.add_argument("--ab-rounds", type=int, default=2)
+    p.add_argument("--ab-only", action="store_true", help="only the XLA flags A/B (implies --ab-flags)")
     p.add_argument("--trl-python", default=TRL_PYTHON)
     p.add_argument("--out", default=None)
     p.add_argument("--worker", choices=["torch_peak", "flags"], default=None, help=argparse.SUPPRESS)
@@ -102,12 +103,16 @@ def median_time(fn, reps: int, budget_s: float = 20.0) -> float:
 
 
 def matmul_shapes(models):
-    shapes = {"square 2048^3": (2048, 2048, 2048, False)}
+    shapes = {"square 2048^3": (2048, 2048, 2048, False, "float32")}
     for name in models:
         d = MODELS[name]["n_embd"]
-        shapes[f"{name} head, PPO minibatch [{MB * N}, {d}] x [{d}, V]"] = (MB * N, d, VOCAB, True)
-        shapes[f"{name} head, SFT batch [{SFT_B * SFT_T}, {d}] x [{d}, V]"] = (SFT_B * SFT_T, d, VOCAB, True)
-        shapes[f"{name} MLP, PPO minibatch [{MB * (P + N)}, {d}] x [{d}, {4 * d}]"] = (MB * (P + N), d, 4 * d, False)
+        shapes[f"{name} head, PPO minibatch [{MB * N}, {d}] x [{d}, V]"] = (MB * N, d, VOCAB, True, "float32")
+        shapes[f"{name} head, SFT batch [{SFT_B * SFT_T}, {d}] x [{d}, V]"] = (SFT_B * SFT_T, d, VOCAB, True,
+                                                                              "float32")
+        shapes[f"{name} MLP, PPO minibatch [{MB * (P + N)}, {d}] x [{d}, {4 * d}]"] = (MB * (P + N), d, 4 * d, False,
+                                                                                     "float32")
+    # not float32: what the CPU's bf16 units (AMX on this Xeon) give each framework, for reference
+    shapes["square 2048^3, bfloat16 inputs"] = (2048, 2048, 2048, False, "bfloat16")
     return shapes
 
 
@@ -116,9 +121,9 @@ def jax_peak(shapes, reps):
     import jax.numpy as jnp
 
     out = {}
-    for name, (m, k, n, tied) in shapes.items():
-        x = jax.random.normal(jax.random.PRNGKey(0), (m, k), jnp.float32)
-        w = jax.random.normal(jax.random.PRNGKey(1), (n, k) if tied else (k, n), jnp.float32)
+    for name, (m, k, n, tied, dtype) in shapes.items():
+        x = jax.random.normal(jax.random.PRNGKey(0), (m, k), jnp.float32).astype(dtype)
+        w = jax.random.normal(jax.random.PRNGKey(1), (n, k) if tied else (k, n), jnp.float32).astype(dtype)
         f = jax.jit(lambda a, b: a @ b.T) if tied else jax.jit(lambda a, b: a @ b)
         dt = median_time(lambda: f(x, w).block_until_ready(), reps)
         out[name] = 2.0 * m * k * n / dt
@@ -131,9 +136,9 @@ def torch_peak_worker(shapes, reps, threads):
     torch.set_num_threads(threads)
     out = {}
     with torch.no_grad():
-        for name, (m, k, n, tied) in shapes.items():
-            x = torch.randn(m, k)
-            w = torch.randn(n, k) if tied else torch.randn(k, n)
+        for name, (m, k, n, tied, dtype) in shapes.items():
+            x = torch.randn(m, k).to(getattr(torch, dtype))
+            w = (torch.randn(n, k) if tied else torch.randn(k, n)).to(getattr(torch, dtype))
             f = (lambda: x @ w.T) if tied else (lambda: x @ w)
             dt = median_time(f, reps)
             out[name] = 2.0 * m * k * n / dt
@@ -463,6 +468,13 @@ def sub(cmd, env=None) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def flush(lines, out) -> None:
+    """Write the sections done so far (a slow, loaded run that is cut short keeps them)."""
+    if out:
+        with open(out, "w") as fh:
+            fh.write("\n".join(lines) + "\n")
+
+
 def g(x: float) -> str:
     return f"{x / 1e9:,.1f}"
 
@@ -486,6 +498,8 @@ def main():
              f"- date {datetime.date.today().isoformat()}; {platform.machine()}, {os.cpu_count()} CPUs; "
              f"jax {jax.__version__}; load average (1 min) at start {load0:.1f}"]
 
+    if args.ab_only:
+        args.ab_flags, models = True, []
     # -- peak
     shapes = matmul_shapes(models)
     print("[mfu] matmul peak (jax)", file=sys.stderr, flush=True)
@@ -497,22 +511,26 @@ def main():
                  str(args.threads), "--models", args.models] + (["--quick"] if args.quick else []),
                 env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)))
         tp, torch_version = t["peak"], t["torch"]
-    peak = jp["square 2048^3"]
+    peak = jp["square 2048^3"]  # always measured (matmul_shapes starts with it)
     lines += ["", "### Measured fp32 matmul throughput (GFLOP/s)", "",
               f"| shape | JAX (XLA:CPU) | PyTorch {torch_version or ''} |", "|---|---:|---:|"]
     for k in shapes:
         lines.append(f"| {k} | {jp[k] / 1e9:.1f} | {tp[k] / 1e9:.1f} |" if tp else f"| {k} | {jp[k] / 1e9:.1f} | - |")
 
+    flush(lines, args.out)
     # -- FLOPs per iteration
     progs, sft = {}, {}
     for name in models:
         timings = name == "tiny" or not args.quick
         print(f"[mfu] PPO programs {name}", file=sys.stderr, flush=True)
         progs[name] = ppo_programs(name, timings, reps)
+        print(f"  {name}: {progs[name]}", file=sys.stderr, flush=True)
         print(f"[mfu] SFT program {name}", file=sys.stderr, flush=True)
         sft[name] = sft_program(name, timings, reps)
-    lines += ["", f"### FLOPs of one PPO iteration (GFLOP; batch {B}, prompt {P}, +{N} tokens, {EPOCHS} epochs x "
-              f"{B // MB} minibatches of {MB})", "",
+        print(f"  {name} SFT: {sft[name]}", file=sys.stderr, flush=True)
+    flops_title = (f"### FLOPs of one PPO iteration (GFLOP; batch {B}, prompt {P}, +{N} tokens, {EPOCHS} epochs x "
+                   f"{B // MB} minibatches of {MB})")
+    lines += [] if not models else ["", flops_title, "",
               "| model | part | compiled (loops composed) | compiled as reported | minimal analytic | "
               "compiled / minimal |", "|---|---|---:|---:|---:|---:|"]
     for name in models:
@@ -527,6 +545,7 @@ def main():
         lines.append(f"| {name} | SFT step ({SFT_B} x {SFT_T}) | {g(sft[name]['flops'])} | | "
                      f"{g(analytic_sft(name))} | {sft[name]['flops'] / analytic_sft(name):.2f} |")
 
+    flush(lines, args.out)
     # -- TRL times
     trl = {}
     if not args.no_trl and os.path.exists(args.trl_python):
@@ -538,8 +557,10 @@ def main():
                                   2 if args.quick else 3)
 
     # -- MFU
-    lines += ["", f"### MFU (analytic minimal FLOPs / seconds / JAX's measured square peak {peak / 1e9:.1f} GFLOP/s)",
-              "", "| model | program | GFLOP | rljax s | rljax GFLOP/s | rljax MFU | TRL s | TRL GFLOP/s | TRL MFU |",
+    mfu_title = f"### MFU (analytic minimal FLOPs / seconds / JAX's measured fp32 square peak {peak / 1e9:.1f} GFLOP/s)"
+    lines += [] if not models else ["", mfu_title, "",
+                                    "| model | program | GFLOP | rljax s | rljax GFLOP/s | rljax MFU | TRL s "
+                                    "| TRL GFLOP/s | TRL MFU |",
               "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name in models:
         a, s = analytic_ppo(name), progs[name]["seconds"]
@@ -559,9 +580,11 @@ def main():
             lines.append(f"| {name} | {label} | {g(fl)} | {rs:.3f} | {fl / rs / 1e9:.1f} | {fl / rs / peak:.0%} | "
                          f"{trl_cells} |")
     lines.append("")
-    lines.append("TRL's rollout forward + PPO step = its iteration minus its generation (bench_ppo.py's TRL worker); "
-                 "its SFT step: bench_trainers.py's TRL worker (between Trainer callbacks).")
+    lines.append("" if not models else "TRL's rollout forward + PPO step = its iteration minus its generation "
+                 "(bench_ppo.py's TRL worker); its SFT step: bench_trainers.py's TRL worker "
+                 "(between Trainer callbacks).")
 
+    flush(lines, args.out)
     # -- breakdown
     if "tiny" in models:
         print("[mfu] breakdown", file=sys.stderr, flush=True)
@@ -572,6 +595,7 @@ def main():
         for k, v in bd.items():
             lines.append(f"| {k} | {v * 1e3:.1f} | {v / whole:.0%} |")
 
+    flush(lines, args.out)
     # -- XLA flags A/B
     if args.ab_flags:
         print("[mfu] XLA flags A/B", file=sys.stderr, flush=True)
