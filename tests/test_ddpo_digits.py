@@ -1,6 +1,6 @@
 """experiments/ddpo_digits.py --fast (default reward: JPEG compressibility, the DDPO paper's):
-summary.json, the reward curve and the before/after grid are written; the rise of the reward of
-the same prompts and PRNG keys is checked, and xfails while it is within seed noise (notes/ddpo.md)."""
+summary.json, the reward curve and the before/after grid are written, and the reward of the same
+prompts and PRNG keys (two evaluation sets) rises by more than 0.004 kB (seed table in notes/ddpo.md)."""
 import json
 import os
 import sys
@@ -43,9 +43,11 @@ def test_ddpo_digits_fast_run_outputs_and_reward_change(ddpo_digits, tmp_path):
     assert all(isinstance(v, float) and abs(v) < 1.0 for v in (before, after)), (before, after)
     assert (tmp_path / "reward_curve.png").stat().st_size > 1000
     assert (tmp_path / "samples_before_after.png").stat().st_size > 1000
-    # Mean of -JPEG kB over 60 images sampled with the same prompts and keys before and after. The
-    # default seed gives +0.011 kB (-0.524 -> -0.513), but across seeds and sample counts the change
-    # was +0.011, -0.006, -0.002, +0.005 kB (experiments/notes/ddpo.md): the rise is not yet above
-    # run-to-run noise, so it is recorded as an expected failure rather than asserted.
-    if not after > before + 0.005:
-        pytest.xfail(f"DDPO did not raise JPEG compressibility by 0.005 kB: {before:.4f} -> {after:.4f}")
+    # Mean of -JPEG kB over two fixed evaluation sets (60 prompts, each set its own PRNG keys), sampled
+    # before and after training. With the --fast settings, training seeds 0-3 rose by +0.009 to +0.050 kB
+    # (smallest single-set change +0.008; experiments/notes/ddpo.md, seed table); two sets of the same
+    # params agree to <= 0.003 kB. The margin, 0.004 kB, is half the smallest change seen. It is thin for
+    # seed 0 (the default): its rise is not monotone in epochs (+0.0005 kB after 30 epochs).
+    for b, a in zip(summary["ddpo/reward_before_per_eval_seed"], summary["ddpo/reward_after_per_eval_seed"]):
+        assert a > b + 0.004, (summary["ddpo/reward_before_per_eval_seed"], summary["ddpo/reward_after_per_eval_seed"])
+    assert after > before + 0.004, (before, after)
