@@ -1,6 +1,6 @@
 """experiments/ddpo_digits.py --fast (default reward: JPEG compressibility, the DDPO paper's):
 summary.json, the reward curve and the before/after grid are written, and the reward of the same
-prompts and PRNG keys (two evaluation sets) rises by more than 0.004 kB (seed table in notes/ddpo.md)."""
+prompts and PRNG keys (two evaluation sets) rises by more than 0.02 kB (seed table in notes/ddpo.md)."""
 import json
 import os
 import sys
@@ -44,10 +44,9 @@ def test_ddpo_digits_fast_run_outputs_and_reward_change(ddpo_digits, tmp_path):
     assert (tmp_path / "reward_curve.png").stat().st_size > 1000
     assert (tmp_path / "samples_before_after.png").stat().st_size > 1000
     # Mean of -JPEG kB over two fixed evaluation sets (60 prompts, each set its own PRNG keys), sampled
-    # before and after training. With the --fast settings, training seeds 0-3 rose by +0.009 to +0.050 kB
-    # (smallest single-set change +0.008; experiments/notes/ddpo.md, seed table); two sets of the same
-    # params agree to <= 0.003 kB. The margin, 0.004 kB, is half the smallest change seen. It is thin for
-    # seed 0 (the default): its rise is not monotone in epochs (+0.0005 kB after 30 epochs).
+    # before and after training. With the --fast settings, training seeds 0/1/2 rose by +0.041/+0.047/+0.051
+    # kB (smallest single-set change +0.040; experiments/notes/ddpo.md, seed table); two sets of the same
+    # params agree to <= 0.003 kB. The margin, 0.02 kB, is half the smallest change seen.
     for b, a in zip(summary["ddpo/reward_before_per_eval_seed"], summary["ddpo/reward_after_per_eval_seed"]):
-        assert a > b + 0.004, (summary["ddpo/reward_before_per_eval_seed"], summary["ddpo/reward_after_per_eval_seed"])
-    assert after > before + 0.004, (before, after)
+        assert a > b + 0.02, (summary["ddpo/reward_before_per_eval_seed"], summary["ddpo/reward_after_per_eval_seed"])
+    assert after > before + 0.02, (before, after)
