@@ -141,7 +141,35 @@ def sample_logits(logits: Array, rng: Array, temperature=1.0, top_k: int = 0, to
     logits: [..., vocab]; rng: a PRNG key. Returns int32 token ids [...].
     """
     filtered = filter_logits(logits, temperature, top_k, top_p)
-    return jax.random.categorical(rng, filtered, axis=-1).astype(jnp.int32)
+    return sample_categorical(rng, filtered)
+
+
+def sample_categorical(rng: Array, logits: Array) -> Array:
+    """Draw one index per row from ``softmax(logits)`` by inverse-CDF sampling.
+
+    logits: [..., V] float; ``-inf`` entries have probability 0 and are never drawn.
+    Returns int32 ids [...]. Same distribution as ``jax.random.categorical`` (a different
+    random stream), but one uniform per row instead of V Gumbel draws: at GPT-2's
+    V = 50257 the Gumbel noise cost more than the LM-head matmul of a small model.
+
+    ``cdf = cumsum(exp(logits - max))`` (unnormalised, so no divide) and
+    ``u = (1 - uniform[0, 1)) * cdf[-1]`` lies in (0, total]; the drawn index is the first
+    ``i`` with ``cdf[i] >= u`` = ``sum(cdf < u)``. A zero-probability token ``i`` has
+    ``cdf[i] == cdf[i - 1]`` (or 0 at ``i = 0``), so it is never the first to reach ``u > 0``.
+    float32 cumsum error: a prefix sum of V non-negative terms is off by at most
+    V * eps * cdf[-1] (sequential order; eps = 6e-8), i.e. <= 3e-3 of the total mass at
+    V = 50257 as a hard bound; XLA's blocked scan does far better: against a float64
+    cumsum on [16, 50257] rows of N(0, s^2) logits (s = 1, 3, 10) the largest error was
+    4e-7 of the total, so each token's probability moves by <= ~1e-6 absolute (a masked
+    token's stays exactly 0).
+    """
+    logits = logits.astype(jnp.float32)
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    cdf = jnp.cumsum(jnp.exp(logits - m), axis=-1)
+    u = (1.0 - jax.random.uniform(rng, logits.shape[:-1] + (1,), jnp.float32)) * cdf[..., -1:]
+    index = jnp.sum(cdf < u, axis=-1)
+    return jnp.minimum(index, logits.shape[-1] - 1).astype(jnp.int32)
 
 
 # --------------------------------------------------------------------------
@@ -720,6 +748,7 @@ __all__ = [
     "generate",
     "make_generate_fn",
     "respond_to_batch",
+    "sample_categorical",
     "sample_logits",
     "stop_sequences_for",
     "strip_responses",

@@ -252,6 +252,26 @@ def test_sample_logits_top_k_one_is_argmax():
     np.testing.assert_array_equal(np.asarray(tokens), np.asarray(jnp.argmax(logits, -1)))
 
 
+def test_sample_categorical_frequencies_and_masked_tokens():
+    # Inverse-CDF sampling draws softmax(logits): 20k draws (vmap over keys) on V = 8, every
+    # token's frequency within 4 sigma of its probability; -inf (masked) tokens, including the
+    # first and the last index, are never drawn.
+    logits = jnp.array([-jnp.inf, 1.0, -0.5, 2.0, -jnp.inf, 0.0, -3.0, -jnp.inf], jnp.float32)
+    n = 20_000
+    keys = jax.random.split(jax.random.PRNGKey(0), n)
+    draws = np.asarray(jax.jit(jax.vmap(lambda k: G.sample_categorical(k, logits)))(keys))
+    assert draws.dtype == np.int32 and draws.shape == (n,)
+    z = np.asarray(logits, np.float64)
+    probs = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+    freq = np.bincount(draws, minlength=8) / n
+    sigma = np.sqrt(probs * (1 - probs) / n)
+    assert np.all(np.abs(freq - probs) <= 4 * sigma + 1e-12), (freq, probs)
+    assert np.all(freq[probs == 0] == 0)
+    # a batch of rows with one key: each row follows its own distribution, one-hot rows are exact
+    rows = jnp.full((5, 8), -jnp.inf).at[jnp.arange(5), jnp.array([0, 7, 3, 3, 5])].set(0.0)
+    np.testing.assert_array_equal(np.asarray(G.sample_categorical(jax.random.PRNGKey(1), rows)), [0, 7, 3, 3, 5])
+
+
 # ---------------------------------------------------------------- determinism, retracing, bookkeeping
 
 
