@@ -119,6 +119,14 @@ def _trunk_output_interceptor(transform: Callable, fired: list) -> Callable:
     return interceptor
 
 
+def _concatenated_rows(batch: Dict[str, jax.Array]) -> Tuple[jax.Array, jax.Array, jax.Array]:
+    """``input_ids``, ``attention_mask``, ``labels`` of the chosen then the rejected rows, each
+    ``[2B, L]``, constrained so that on a mesh the 2B rows stay split over the batch axes."""
+    ids, mask, labels = (jnp.concatenate([batch[f"chosen_{k}"], batch[f"rejected_{k}"]], axis=0)
+                         for k in ("input_ids", "attention_mask", "labels"))
+    return constrain_batch((ids, mask, labels))
+
+
 def completion_forward(
     module: Any,
     params: Any,
@@ -134,11 +142,8 @@ def completion_forward(
     rejected_logps [B], row_logit_means)``: with ``logits_width`` (a traced int), ``[2B]`` the mean
     logit of each row over its first ``logits_width`` positions and the whole vocabulary (TRL's
     ``logits/*`` metrics, pads included), else None."""
-    ids = jnp.concatenate([batch["chosen_input_ids"], batch["rejected_input_ids"]], axis=0)
-    mask = jnp.concatenate([batch["chosen_attention_mask"], batch["rejected_attention_mask"]], axis=0)
-    labels = jnp.concatenate([batch["chosen_labels"], batch["rejected_labels"]], axis=0)
-    cols = jnp.concatenate([batch[k] for k in _POSITION_KEYS], axis=0).astype(jnp.int32)
-    ids, mask, labels, cols = constrain_batch((ids, mask, labels, cols))
+    ids, mask, labels = _concatenated_rows(batch)
+    cols = constrain_batch(jnp.concatenate([batch[k] for k in _POSITION_KEYS], axis=0).astype(jnp.int32))
     chex.assert_equal_shape([ids, mask, labels])
     chex.assert_equal_shape_prefix([ids, cols], 1)
     seq, width = ids.shape[1], cols.shape[1]
@@ -256,10 +261,7 @@ def concatenated_forward(
         pc, pr, lc, lr = seq2seq_concatenated_forward(
             module, params, batch, average_log_prob=average_log_prob, label_pad_token_id=label_pad_token_id, rng=rng)
         return pc, pr, jnp.concatenate([lc, lr], axis=0)
-    ids = jnp.concatenate([batch["chosen_input_ids"], batch["rejected_input_ids"]], axis=0)
-    mask = jnp.concatenate([batch["chosen_attention_mask"], batch["rejected_attention_mask"]], axis=0)
-    labels = jnp.concatenate([batch["chosen_labels"], batch["rejected_labels"]], axis=0)
-    ids, mask, labels = constrain_batch((ids, mask, labels))  # on a mesh: the 2B rows stay split
+    ids, mask, labels = _concatenated_rows(batch)
     # Rows are right-padded: arange positions equal cumsum(mask) - 1 on every real token, and
     # give pad positions the logits transformers gives them (TRL's logits/* metrics count pads).
     positions = jnp.broadcast_to(jnp.arange(ids.shape[1], dtype=jnp.int32), ids.shape)
