@@ -1378,8 +1378,18 @@ def find_resume_checkpoint(path: str) -> str:
 
 def restore_train_state(checkpoint_dir: str, template: TrainState):
     """``(state, extra)`` from ``checkpoint_dir/train_state`` into the structure of ``template``
-    (verified against its commit marker first; see ``find_resume_checkpoint``)."""
+    (verified against its commit marker first; see ``find_resume_checkpoint``). Leaves are
+    uncommitted where the template's are: a restored array comes back committed to its device,
+    and a committed argument lowers with a sharding annotation, so a jitted step would compile
+    a second program for the resumed state."""
     from rljax.checkpoint import Checkpointer
 
     with Checkpointer(os.path.join(checkpoint_dir, TRAIN_STATE_DIR), resume=True, async_save=False) as ck:
-        return ck.restore(target_state=template)
+        restored, extra = ck.restore(target_state=template)
+    return jax.tree_util.tree_map(_uncommitted_like, template, restored), extra
+
+
+def _uncommitted_like(template: Any, restored: Any) -> Any:
+    if isinstance(template, jax.Array) and not template.committed and isinstance(restored, jax.Array):
+        return jnp.asarray(np.asarray(restored))
+    return restored

@@ -86,15 +86,6 @@ def _rows(dataset: Any) -> List[Dict[str, Any]]:
     return [dict(r) for r in dataset]
 
 
-def _uncommitted_like(template: Any, restored: Any) -> Any:
-    """``restored`` uncommitted where ``template`` is: a restored array is committed to its device,
-    and a committed argument lowers with a sharding annotation, so the jitted rollout and step
-    would compile a second program for the resumed state."""
-    if isinstance(template, jax.Array) and not template.committed and isinstance(restored, jax.Array):
-        return jax.numpy.asarray(np.asarray(restored))
-    return restored
-
-
 class OnlineShell:
     """What the GRPO and RLOO shells share: model/tokenizer resolution, prompt bank, batch drawing,
     reward functions at the host boundary, logging, saving."""
@@ -268,8 +259,7 @@ class OnlineShell:
         returns its step."""
         from rljax.logging import drop_jsonl_records_after
 
-        restored, extra = restore_train_state(checkpoint_dir, self.state)
-        self.state = jax.tree_util.tree_map(_uncommitted_like, self.state, restored)
+        self.state, extra = restore_train_state(checkpoint_dir, self.state)
         start = int(extra["step"])
         if start > self.args.max_steps:
             raise ValueError(f"resume_from_checkpoint: {checkpoint_dir} is at step {start}, past max_steps="
