@@ -495,6 +495,25 @@ def validate_scores(scores: Any, batch_size: int) -> np.ndarray:
 # ==========================================================================
 
 
+def _check_accelerator_kwargs(kwargs: dict) -> None:
+    """PPOConfig.accelerator_kwargs: only ``mixed_precision`` ("no" or "bf16") has an rljax meaning."""
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"PPOConfig.accelerator_kwargs must be a dict, got {type(kwargs).__name__}.")
+    unknown = sorted(set(kwargs) - {"mixed_precision"})
+    if unknown:
+        raise ValueError(
+            f"PPOConfig.accelerator_kwargs {unknown} have no rljax counterpart; only mixed_precision ('no' or "
+            "'bf16') is supported. Devices and sharding: pass PPOTrainer(mesh=...); gradient accumulation: "
+            "PPOConfig.gradient_accumulation_steps."
+        )
+    mixed = kwargs.get("mixed_precision", "no")
+    if mixed not in ("no", "bf16"):
+        hint = " (float16 needs a loss scaler; use 'bf16')" if mixed == "fp16" else ""
+        raise ValueError(
+            f"PPOConfig.accelerator_kwargs['mixed_precision'] must be 'no' or 'bf16', got {mixed!r}{hint}."
+        )
+
+
 @dataclasses.dataclass
 class PPOConfig:
     """Configuration of PPOTrainer: TRL 0.7.11's fields, names and defaults.
@@ -523,7 +542,10 @@ class PPOConfig:
     tracker_kwargs: dict = dataclasses.field(default_factory=dict)
     """Extra keyword arguments for the tracker (e.g. the wandb run name)."""
     accelerator_kwargs: dict = dataclasses.field(default_factory=dict)
-    """Keyword arguments TRL forwards to its Accelerator; kept for config compatibility."""
+    """What TRL forwards to its Accelerator. rljax honours ``mixed_precision``: "no" (float32) or
+    "bf16" (accelerate's bf16 autocast: the policy, reference and value forward passes compute in
+    bfloat16, while params, gradients, Adam state, logits, log-probs and losses stay float32);
+    any other key or value is refused (devices and sharding: ``PPOTrainer(mesh=...)``)."""
     project_kwargs: dict = dataclasses.field(default_factory=dict)
     """Keyword arguments for the tracker's project configuration (e.g. `logging_dir`)."""
     tracker_project_name: str = "trl"
@@ -623,6 +645,7 @@ class PPOConfig:
             self.mini_batch_size = self.forward_batch_size
 
         _check_kl_mode(self.kl_penalty)
+        _check_accelerator_kwargs(self.accelerator_kwargs)
         for name in ("steps", "batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs"):
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:

@@ -493,3 +493,47 @@ def test_generate_with_a_length_sampler_compiles_once(trainer, tokenizer):
         assert all(len(r) <= draws[-1] for r in out)
     assert len(set(draws)) > 1, draws
     assert sum(G.TRACE_COUNTS.values()) - before <= 1
+
+
+# --------------------------------------------------------------------------
+# accelerator_kwargs: mixed_precision honoured, anything else refused
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"mixed_precision": "fp16"}, r"mixed_precision.*'fp16'.*use 'bf16'"),
+    ({"mixed_precision": "bfloat16"}, r"must be 'no' or 'bf16'"),
+    ({"cpu": True}, r"accelerator_kwargs \['cpu'\] have no rljax counterpart.*mesh="),
+    ({"gradient_accumulation_steps": 2}, r"PPOConfig.gradient_accumulation_steps"),
+])
+def test_config_refuses_accelerator_kwargs_it_cannot_honour(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make_config(accelerator_kwargs=kwargs)
+    make_config(accelerator_kwargs={"mixed_precision": "no"})  # float32, as the default
+
+
+def test_mixed_precision_bf16_computes_in_bfloat16_with_float32_master_params(model, tokenizer):
+    """accelerator_kwargs={"mixed_precision": "bf16"} (TRL: accelerate's bf16 autocast): the
+    rollout forward, the PPO step and generation run their matmuls in bfloat16; params, Adam
+    state, log-probs and stats stay float32; the stats track the float32 trainer's."""
+    import re
+
+    bf16_matmul = re.compile(r"bf16\[[^\]]*\] = dot_general")
+    mixed = PPOTrainer(make_config(accelerator_kwargs={"mixed_precision": "bf16"}), fresh(model), tokenizer=tokenizer)
+    plain = PPOTrainer(make_config(), fresh(model), tokenizer=tokenizer)
+    assert mixed.mixed_precision == "bf16" and plain.mixed_precision == "no"
+    q, qm = np.array([[3, 4, 5, 6]] * BATCH, np.int32), np.ones((BATCH, 4), np.int32)
+    r, rm = np.array([[7, 8, 9]] * BATCH, np.int32), np.ones((BATCH, 3), np.int32)
+    for trainer, want in ((mixed, True), (plain, False)):
+        s = trainer.state
+        jaxpr = str(jax.make_jaxpr(trainer._forward)(s.params, s.ref_params, q, qm, r, rm))
+        assert bool(bf16_matmul.search(jaxpr)) == want
+    stats = [t.step(*batch(tokenizer)) for t in (mixed, plain)]
+    for key in ("ppo/loss/total", "ppo/policy/approxkl", "ppo/returns/mean", "objective/entropy"):
+        assert stats[0][key] == pytest.approx(stats[1][key], rel=0.05, abs=2e-3), key
+    leaves = jax.tree_util.tree_leaves((mixed.state.params, mixed.state.opt_state))
+    assert all(x.dtype in (jnp.float32, jnp.int32) for x in leaves)
+    assert changed(mixed.state.params, snapshot(model.params))
+    out = mixed.generate(np.array([3, 4, 5]), max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 6)  # a single query: the prompt and 3 new tokens, as TRL
+    assert mixed.model.module is mixed.module  # the model object (what is saved) is the float32 one

@@ -34,6 +34,7 @@ from rljax.core import check_whiten_mask, convert_to_scalar, logprobs_from_logit
 from rljax.data import bucket_length, pad_sequences
 from rljax.generation import check_token_range
 from rljax.losses import ppo_loss
+from rljax.models.peft import is_peft_module, trainable_mask, with_adapters_enabled
 from rljax.ppo import (
     AdaptiveKLController,
     FixedKLController,
@@ -43,7 +44,6 @@ from rljax.ppo import (
     kl_penalty,
     validate_scores,
 )
-from rljax.models.peft import is_peft_module, trainable_mask, with_adapters_enabled
 from rljax.ppo_train import (
     PPOTrainState,
     drop_skipped_epochs,
@@ -54,6 +54,7 @@ from rljax.ppo_train import (
     make_ppo_step,
     set_learning_rate,
 )
+from rljax.trainers.base import module_in_dtype
 
 _LAYER = re.compile(r"(?:^|/)(?:h|layers)_(\d+)(?:/|$)")
 # What TRL's create_reference_model shares besides the first layers: every parameter registered before
@@ -257,6 +258,15 @@ class PPOTrainer:
         # adapters disabled, on the policy's own params (state.ref_params is None: no copy).
         peft_ref = config.is_peft_model and ref_model is None
         self._ref_module = with_adapters_enabled(self.module, False) if peft_ref else None
+        # accelerator_kwargs={"mixed_precision": "bf16"} (accelerate's autocast): every forward pass
+        # (generation, rollout, PPO step) computes in bfloat16 on float32 params; self.module stays
+        # the float32 model that is saved.
+        self.mixed_precision = config.accelerator_kwargs.get("mixed_precision", "no")
+        if self.mixed_precision == "bf16":
+            self._compute = module_in_dtype(self.module, jnp.bfloat16)
+            self._ref_module = with_adapters_enabled(self._compute, False) if peft_ref else None
+        else:
+            self._compute = self.module
 
         # The jitted step donates the state: train on copies so the caller's arrays stay valid.
         policy = self.model.params
@@ -346,12 +356,12 @@ class PPOTrainer:
         if mesh is None:  # equal settings share one jitted function (and its compiled programs)
             shared_ref = self.num_shared_layers is not None
             self._forward = _cached_jit(
-                ("forward", self.module, config.kl_penalty, config.mini_batch_size, shared_ref, self._ref_module),
+                ("forward", self._compute, config.kl_penalty, config.mini_batch_size, shared_ref, self._ref_module),
                 lambda: jax.jit(self._forward_fn()),
             )
             self._ppo_step = _cached_jit(
-                ("ppo_step", self.module, _config_key(config), self._tx_key),
-                lambda: jax.jit(make_ppo_step(self.module, config, tx=tx, trainable=self._trainable),
+                ("ppo_step", self._compute, _config_key(config), self._tx_key),
+                lambda: jax.jit(make_ppo_step(self._compute, config, tx=tx, trainable=self._trainable),
                                 donate_argnums=(0,)),
             )
         else:
@@ -375,7 +385,7 @@ class PPOTrainer:
     # -- helpers ----------------------------------------------------------------------------
     def _forward_fn(self):
         # TRL's batched_forward_pass: mini_batch_size rows at a time (bounded memory).
-        forward = make_forward_rollout(self.module, self.config.kl_penalty, ref_module=self._ref_module,
+        forward = make_forward_rollout(self._compute, self.config.kl_penalty, ref_module=self._ref_module,
                                        chunk_size=self.config.mini_batch_size)
         shared = self.num_shared_layers is not None
 
@@ -394,7 +404,7 @@ class PPOTrainer:
         if self.mesh is not None or self.num_shared_layers is not None or self._ref_module is not None:
             raise ValueError("Encoder-decoder PPO runs without mesh=, num_shared_layers and PEFT (pass none of them).")
         c = self.config
-        view, forward = make_seq2seq_forward_rollout(self.module, query_length, c.kl_penalty, c.mini_batch_size)
+        view, forward = make_seq2seq_forward_rollout(self._compute, query_length, c.kl_penalty, c.mini_batch_size)
         fwd = _cached_jit(("s2s_forward", view, c.kl_penalty, c.mini_batch_size), lambda: jax.jit(forward))
         step = _cached_jit(("s2s_ppo_step", view, _config_key(c), self._tx_key),
                            lambda: jax.jit(make_ppo_step(view, c, tx=self._tx), donate_argnums=(0,)))
@@ -413,7 +423,7 @@ class PPOTrainer:
             self._forward_fn(), mesh, in_shardings=(sh.params, sh.ref_params, rows, rows, rows, rows), out_shardings=rows
         )
         self._ppo_step = jit_sharded(
-            make_ppo_step(self.module, self.config, tx=self._tx, trainable=self._trainable), mesh,
+            make_ppo_step(self._compute, self.config, tx=self._tx, trainable=self._trainable), mesh,
             in_shardings=(sh, rows, rows),
             out_shardings=(sh, replicated(mesh)), donate_argnums=(0,),
         )
@@ -495,6 +505,8 @@ class PPOTrainer:
         (times ``response_masks``).
         """
         module, params = _unpack(model)
+        if self.mixed_precision == "bf16":  # under accelerate's autocast in TRL
+            module = module_in_dtype(module, jnp.bfloat16)
         fwd = self._eval_forward(module)
         ids = np.asarray(model_inputs["input_ids"])
         am = np.asarray(model_inputs["attention_mask"])
@@ -626,8 +638,8 @@ class PPOTrainer:
             mask = pad_sequences([np.ones(len(q), np.int32) for q in rows], 0, "left", P)
             rng, k1, k2 = jax.random.split(rng, 3)
             # PEFT without a ref_model: the reference is the policy's own params with adapters off.
-            ref_gen = (self.module, ref_full) if self._ref_module is None else (self._ref_module, policy_params)
-            runs = (((self.module, policy_params), outs, k1),) + ((ref_gen, ref_outs, k2),) * bool(generate_ref_response)
+            ref_gen = (self._compute, ref_full) if self._ref_module is None else (self._ref_module, policy_params)
+            runs = (((self._compute, policy_params), outs, k1),) + ((ref_gen, ref_outs, k2),) * bool(generate_ref_response)
             for (module, params), sink, key in runs:
                 if self.is_encoder_decoder:  # TRL returns the decoder output, start token included
                     self._append_decoder_outputs(params, ids, mask, key, kw, sink, len(chunk), remove_padding, limit)
@@ -651,7 +663,7 @@ class PPOTrainer:
         kw = {k: v for k, v in kw.items() if k not in ("new_tokens_limit",)}
         if limit is not None:  # a LengthSampler draw: one program per drawn length here
             kw["max_new_tokens"] = int(limit)
-        gen = seq2seq_generate(self.module, params, ids, mask, key, **kw)
+        gen = seq2seq_generate(self._compute, params, ids, mask, key, **kw)
         seqs = np.asarray(gen.sequences)[:n]
         width = int(np.asarray(gen.response_mask)[:n].sum(-1).max())  # HF stops when every row is done
         eos = kw.get("eos_token_id")
