@@ -106,7 +106,8 @@ def test_scanned_kv_cache_and_greedy_generation_match(family):
 
     model, params, scanned, stacked, ids, mask = family
     cache = scanned.init_cache(2, 11)
-    assert cache["layers"]["k"].shape[:3] == (3, 2, 11)  # [layer, batch, slots, ...]
+    shape = cache["layers"]["k"].shape  # [layer, batch, kv_heads, slots, head_dim]
+    assert (shape[:2], shape[3]) == ((3, 2), 11)
     kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
     ref = generate(model, params, ids, mask, jax.random.PRNGKey(0), **kw)
     out = generate(scanned, stacked, ids, mask, jax.random.PRNGKey(0), **kw)

@@ -220,9 +220,9 @@ def test_greedy_generation_splits_rows_and_kv_cache():
     compiled = _compile(fn, (params, q, qm, jax.random.PRNGKey(0)), shardings, DATA4)
     ratio = _work(compiled) / _single("generate", fn, (params, q, qm, jax.random.PRNGKey(0)), shardings)
     assert ratio <= 0.3, f"each device does {ratio:.3f} of one device's generation FLOPs"
-    # the KV cache carried by the decode loop holds 32 / 4 rows per device: [8, 16 slots, 4 heads, 8]
-    assert re.search(r"f32\[8,16,4,8\]", compiled.as_text())
-    assert not re.search(r"f32\[32,16,4,8\]", compiled.as_text())
+    # the KV cache carried by the decode loop holds 32 / 4 rows per device: [8, 4 heads, 16 slots, 8]
+    assert re.search(r"f32\[8,4,16,8\]", compiled.as_text())
+    assert not re.search(r"f32\[32,4,16,8\]", compiled.as_text())
 
 
 # --------------------------------------------------------------------------
