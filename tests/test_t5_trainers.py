@@ -125,6 +125,18 @@ def test_ppo_step_on_t5_matches_trl_encoder_decoder_transcription(t5_dir):
     assert all(jax.tree.leaves(moved["v_head"])) and any(jax.tree.leaves(moved["decoder"]))
 
 
+def test_ppo_on_t5_refuses_mesh_and_shared_layers_when_built(t5_dir):
+    """What encoder-decoder PPO does not support is refused by the constructor, naming it, not
+    at the first step after a generation."""
+    model = AutoModelForSeq2SeqLMWithValueHead.from_pretrained(t5_dir, summary_dropout_prob=0.0)
+    config = PPOConfig(batch_size=2, mini_batch_size=2, ppo_epochs=1)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "model"))
+    with pytest.raises(ValueError, match="Encoder-decoder PPO runs without .*got mesh="):
+        PPOTrainer(config, model, mesh=mesh)
+    with pytest.raises(ValueError, match="num_shared_layers"):  # refused before the state is built
+        PPOTrainer(config, model, num_shared_layers=1)
+
+
 def test_ppo_generate_returns_decoder_outputs_like_transformers(t5_dir):
     model = AutoModelForSeq2SeqLMWithValueHead.from_pretrained(t5_dir, summary_dropout_prob=0.0)
     trainer = PPOTrainer(PPOConfig(batch_size=2, mini_batch_size=2), model)

@@ -315,6 +315,11 @@ class PPOTrainer:
             ref_params = _copy_tree(ref_params)
             trainable = None
         self.num_shared_layers = shared
+        if self.is_encoder_decoder and (mesh is not None or shared is not None or self._ref_module is not None):
+            used = [n for n, v in (("mesh=", mesh), ("num_shared_layers", shared), ("a PEFT policy without ref_model",
+                                                                                    self._ref_module)) if v is not None]
+            raise ValueError(f"Encoder-decoder PPO runs without mesh=, num_shared_layers and PEFT; got {', '.join(used)}. "
+                             "Drop them (a PEFT T5 policy needs an explicit ref_model).")
 
         trainable_key = None if trainable is None else tuple(bool(t) for t in jax.tree_util.tree_leaves(trainable))
         if optimizer is None:
