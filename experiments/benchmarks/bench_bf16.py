@@ -24,6 +24,8 @@ import os
 import sys
 import time
 
+from _report import emit
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
@@ -131,11 +133,7 @@ def main(argv=None):
         (a, ca, la), (b, cb, lb) = res["float32"], res["mixed bf16"]
         lines.append(f"| {name} | {a:.3f} | {b:.3f} | {b / a:.2f}x | {ca:.1f} / {cb:.1f} | {la:.4f} / {lb:.4f} |")
     lines += ["", f"_{time.perf_counter() - t_start:.0f} s; load average (1 min) at end {os.getloadavg()[0]:.1f}._"]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(text + "\n")
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,8 @@ import sys
 import tempfile
 import time
 
+from _report import emit
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRL_PYTHON = os.path.join(ROOT, ".trl-venv", "bin", "python")
 PROMPTS = ["a cab", "ab ab", "a b c", "cab ab a"]
@@ -333,11 +335,7 @@ def main():
             f"{theirs['first']:.2f} | {ours['first']:.2f} | "
             f"{max(ours['first'] - ours['median'], 0.0):.1f} |"
         )
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(table + "\n")
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,8 @@ import sys
 import tempfile
 import time
 
+from _report import emit
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 TRL_PYTHON = os.path.join(ROOT, ".trl-venv", "bin", "python")
@@ -618,11 +620,7 @@ def main():
                          f"{base_h / hd:.2f}x |")
 
     lines += ["", f"_{time.time() - t_start:.0f} s; load average (1 min) at end {os.getloadavg()[0]:.1f}._"]
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(table + "\n")
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

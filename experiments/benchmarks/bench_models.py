@@ -30,6 +30,8 @@ import sys
 import tempfile
 import time
 
+from _report import emit
+
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -195,11 +197,7 @@ def main():
             f"| {case} | {shape} | {r['rljax']:.3f} | {r['torch']:.3f} | {r['torch'] / r['rljax']:.2f}x "
             f"| {r['compile']:.1f} | {r['check']} |"
         )
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(table + "\n")
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

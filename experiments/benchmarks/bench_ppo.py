@@ -42,6 +42,8 @@ import sys
 import tempfile
 import time
 
+from _report import emit
+
 # The TRL 0.7.11 venv that trl_env.sh creates by default, in the repository root.
 TRL_PYTHON = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                           ".trl-venv", "bin", "python")
@@ -264,11 +266,7 @@ def main():
             f"{theirs['median'] / ours['median']:.2f}x | {theirs['generate']:.2f} | {ours['generate']:.2f} | "
             f"{max(ours['first'] - ours['median'], 0.0):.1f} |"
         )
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(table + "\n")
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -62,6 +62,8 @@ import sys
 import tempfile
 import time
 
+from _report import emit
+
 BATCH, SEQ = 8, 128
 PROMPT_LEN = ANSWER_LEN = 63  # BOS + prompt + answer + EOS = SEQ
 VOCAB, EOS = 50257, 50256
@@ -456,11 +458,7 @@ def main():
             f"| {theirs['median'] / ours['median']:.2f}x | {ours['compile']:.1f} "
             f"| {ours['loss']:.4f} / {theirs['loss']:.4f} | {'yes' if theirs['same_batch'] else 'NO'} |"
         )
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(table + "\n")
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":
