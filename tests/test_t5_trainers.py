@@ -133,7 +133,7 @@ def test_ppo_on_t5_refuses_mesh_and_shared_layers_when_built(t5_dir):
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "model"))
     with pytest.raises(ValueError, match="Encoder-decoder PPO runs without .*got mesh="):
         PPOTrainer(config, model, mesh=mesh)
-    with pytest.raises(ValueError, match="num_shared_layers"):  # refused before the state is built
+    with pytest.raises(ValueError, match="Encoder-decoder PPO runs without .*got num_shared_layers"):
         PPOTrainer(config, model, num_shared_layers=1)
 
 

@@ -258,6 +258,13 @@ class PPOTrainer:
         # adapters disabled, on the policy's own params (state.ref_params is None: no copy).
         peft_ref = config.is_peft_model and ref_model is None
         self._ref_module = with_adapters_enabled(self.module, False) if peft_ref else None
+        if self.is_encoder_decoder:
+            shared_arg = num_shared_layers if ref_model is None else None  # ignored with a ref_model (warned below)
+            used = [n for n, v in (("mesh=", mesh), ("num_shared_layers", shared_arg),
+                                   ("a PEFT policy without ref_model", self._ref_module)) if v is not None]
+            if used:
+                raise ValueError(f"Encoder-decoder PPO runs without mesh=, num_shared_layers and PEFT; got "
+                                 f"{', '.join(used)}. Drop them (a PEFT T5 policy needs an explicit ref_model).")
         # accelerator_kwargs={"mixed_precision": "bf16"} (accelerate's autocast): every forward pass
         # (generation, rollout, PPO step) computes in bfloat16 on float32 params; self.module stays
         # the float32 model that is saved.
@@ -315,12 +322,6 @@ class PPOTrainer:
             ref_params = _copy_tree(ref_params)
             trainable = None
         self.num_shared_layers = shared
-        if self.is_encoder_decoder and (mesh is not None or shared is not None or self._ref_module is not None):
-            used = [n for n, v in (("mesh=", mesh), ("num_shared_layers", shared), ("a PEFT policy without ref_model",
-                                                                                    self._ref_module)) if v is not None]
-            raise ValueError(f"Encoder-decoder PPO runs without mesh=, num_shared_layers and PEFT; got {', '.join(used)}. "
-                             "Drop them (a PEFT T5 policy needs an explicit ref_model).")
-
         trainable_key = None if trainable is None else tuple(bool(t) for t in jax.tree_util.tree_leaves(trainable))
         if optimizer is None:
             self.optimizer = make_ppo_optimizer(config, trainable)
