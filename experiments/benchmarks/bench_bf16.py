@@ -8,8 +8,8 @@ Sections of the markdown output:
              PPO minibatch of 4 x 80 tokens): float32; bfloat16 inputs with a bfloat16 result (what
              a flax layer with dtype=bfloat16 emits); bfloat16 inputs with a float32 result
              (``preferred_element_type``); and the weight-gradient form x^T @ g, which contracts
-             the rows (dimension 0 of both operands). "library fusion" says whether the compiled
-             HLO hands the dot to a library kernel (``__ynn_fusion``/``__xnn_fusion``/oneDNN)
+             the rows (dimension 0 of both operands). "(lib)" marks a dot the compiled HLO hands
+             to a library kernel (``__ynn_fusion``/``__xnn_fusion``/oneDNN)
              rather than XLA's own loop emitter.
   ppo update one PPO minibatch update (make_ppo_step, 1 epoch, 4 rows x (16 + 64) tokens, head on the
              64 response columns), float32 vs the mixed-precision module, median seconds.
@@ -21,13 +21,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import sys
 import time
 
 from _report import emit
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
 
 
 def parse_args(argv=None):
@@ -53,7 +49,7 @@ def matmul_rows(reps: int):
     nn_ = (((1,), (0,)), ((), ()))  # x [M, K] @ w [K, N]
     nt = (((1,), (1,)), ((), ()))  # x [M, K] @ e[N, K]^T (the tied LM head; dx of a dense layer)
     tn = (((0,), (0,)), ((), ()))  # x[M, K]^T @ g [M, N] (a dense layer's weight gradient)
-    cases = [  # label, lhs shape, rhs shape, dims, flops
+    cases = [  # label, lhs shape, rhs shape, dimension numbers
         ("MLP fwd [320, 768] x [768, 3072]", (320, 768), (768, 3072), nn_),
         ("MLP dx [320, 3072] x [768, 3072]^T", (320, 3072), (768, 3072), nt),
         ("MLP dW [320, 768]^T x [320, 3072]", (320, 768), (320, 3072), tn),

@@ -257,11 +257,12 @@ class PPOTrainer:
         # PEFT without a ref_model (TRL's optional_peft_ctx): the reference is the policy with its
         # adapters disabled, on the policy's own params (state.ref_params is None: no copy).
         peft_ref = config.is_peft_model and ref_model is None
-        self._ref_module = with_adapters_enabled(self.module, False) if peft_ref else None
         if self.is_encoder_decoder:
-            shared_arg = num_shared_layers if ref_model is None else None  # ignored with a ref_model (warned below)
-            used = [n for n, v in (("mesh=", mesh), ("num_shared_layers", shared_arg),
-                                   ("a PEFT policy without ref_model", self._ref_module)) if v is not None]
+            used = [name for name, given in (
+                ("mesh=", mesh is not None),
+                ("num_shared_layers", num_shared_layers is not None and ref_model is None),  # else ignored (warned)
+                ("a PEFT policy without ref_model", peft_ref),
+            ) if given]
             if used:
                 raise ValueError(f"Encoder-decoder PPO runs without mesh=, num_shared_layers and PEFT; got "
                                  f"{', '.join(used)}. Drop them (a PEFT T5 policy needs an explicit ref_model).")
@@ -269,11 +270,8 @@ class PPOTrainer:
         # (generation, rollout, PPO step) computes in bfloat16 on float32 params; self.module stays
         # the float32 model that is saved.
         self.mixed_precision = config.accelerator_kwargs.get("mixed_precision", "no")
-        if self.mixed_precision == "bf16":
-            self._compute = module_in_dtype(self.module, jnp.bfloat16)
-            self._ref_module = with_adapters_enabled(self._compute, False) if peft_ref else None
-        else:
-            self._compute = self.module
+        self._compute = module_in_dtype(self.module, jnp.bfloat16) if self.mixed_precision == "bf16" else self.module
+        self._ref_module = with_adapters_enabled(self._compute, False) if peft_ref else None
 
         # The jitted step donates the state: train on copies so the caller's arrays stay valid.
         policy = self.model.params
@@ -407,8 +405,6 @@ class PPOTrainer:
         ``Seq2SeqAsCausal`` view (one compiled pair per query-length bucket)."""
         from rljax.models.seq2seq import make_seq2seq_forward_rollout
 
-        if self.mesh is not None or self.num_shared_layers is not None or self._ref_module is not None:
-            raise ValueError("Encoder-decoder PPO runs without mesh=, num_shared_layers and PEFT (pass none of them).")
         c = self.config
         view, forward = make_seq2seq_forward_rollout(self._compute, query_length, c.kl_penalty, c.mini_batch_size)
         fwd = _cached_jit(("s2s_forward", view, c.kl_penalty, c.mini_batch_size), lambda: jax.jit(forward))
